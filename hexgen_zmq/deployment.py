@@ -1,0 +1,225 @@
+"""The deployment file (DESIGN.md contract): typed schema, loading, and validation with field-path errors.
+
+Every process reads the same file and picks its part (`stage(ID)`, `broker`). Loading checks the schema
+(msgspec), then the layout: unique ids and endpoints, each pipeline's layer ranges covering the model once,
+TP degrees the model's heads can take, and (optionally) the checkpoint itself. Unknown fields are accepted
+so that planners can annotate files; torch is not needed here.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import yaml
+
+from hexgen_zmq.model_info import CheckpointError, ModelInfo, read_model_info
+
+PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
+ENDPOINT = re.compile(r"^tcp://(?P<host>[A-Za-z0-9_.\-]+|\[[0-9a-fA-F:]+\]):(?P<port>\d{1,5})$")
+DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+class DeploymentError(ValueError):
+    """An invalid deployment file; the message starts with the field path."""
+
+    def __init__(self, path: str, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+class Struct(msgspec.Struct, frozen=True, kw_only=True):
+    pass
+
+
+class ModelSpec(Struct, frozen=True):
+    path: str
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+class BrokerSpec(Struct, frozen=True):
+    clients: str
+    results: str
+    queue_limit: Annotated[int, msgspec.Meta(ge=0)] = 256  # requests waiting for room before "busy"
+    request_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0  # default per-request deadline
+    stage_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 3.0  # silence after which a stage is lost
+    client_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0  # silence after which a client is gone
+
+
+class RankSpec(Struct, frozen=True):
+    host: str
+    device: str = "cpu"
+
+
+class StageSpec(Struct, frozen=True):
+    id: str
+    layers: tuple[int, int]
+    inbound: str
+    tp_init: str
+    ranks: list[RankSpec]
+    kv_cache_tokens: PositiveInt | None = None  # KV budget; derived from memory when absent
+    max_batch_tokens: PositiveInt = 1024  # token budget of one step
+
+    @property
+    def tp(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def num_layers(self) -> int:
+        return self.layers[1] - self.layers[0]
+
+
+class PipelineSpec(Struct, frozen=True):
+    id: str
+    stages: list[StageSpec]
+
+
+class Deployment(Struct, frozen=True):
+    model: ModelSpec
+    broker: BrokerSpec
+    pipelines: list[PipelineSpec]
+
+    def stage(self, stage_id: str) -> tuple[PipelineSpec, int]:
+        """The pipeline holding `stage_id` and the stage's index in it."""
+        for pipeline in self.pipelines:
+            for index, stage in enumerate(pipeline.stages):
+                if stage.id == stage_id:
+                    return pipeline, index
+        known = ", ".join(s.id for p in self.pipelines for s in p.stages)
+        raise KeyError(f"no stage {stage_id!r} in the deployment (stages: {known})")
+
+    def model_info(self) -> ModelInfo:
+        return read_model_info(self.model.path)
+
+
+def _msgspec_path(message: str) -> tuple[str, str]:
+    """Split msgspec's 'problem - at `$.a[0].b`' into ('a[0].b', 'problem')."""
+    match = re.search(r"^(.*) - at `\$(.*)`$", message)
+    if not match:
+        return "(root)", message
+    return match.group(2).lstrip(".") or "(root)", match.group(1)
+
+
+def _check_endpoint(value: str, path: str) -> None:
+    match = ENDPOINT.match(value)
+    if not match or not 0 < int(match.group("port")) < 65536:
+        raise DeploymentError(path, f"{value!r} is not an endpoint of the form tcp://HOST:PORT")
+
+
+def parse_deployment(data: Any, base_dir: Path | None = None) -> Deployment:
+    """Type-check a parsed YAML document; relative model paths are taken from `base_dir`."""
+    if not isinstance(data, dict):
+        raise DeploymentError("(root)", "the deployment file must be a mapping with model, broker, pipelines")
+    try:
+        deployment = msgspec.convert(data, Deployment, strict=False)
+    except msgspec.ValidationError as exc:
+        raise DeploymentError(*_msgspec_path(str(exc))) from None
+    model_path = Path(deployment.model.path).expanduser()
+    if base_dir is not None and not model_path.is_absolute():
+        model_path = base_dir / model_path
+        deployment = msgspec.structs.replace(
+            deployment, model=msgspec.structs.replace(deployment.model, path=str(model_path))
+        )
+    return deployment
+
+
+def validate_layout(deployment: Deployment, info: ModelInfo | None) -> None:
+    """Check what the schema cannot: uniqueness, layer coverage, TP degrees, devices and endpoints."""
+    _check_endpoint(deployment.broker.clients, "broker.clients")
+    _check_endpoint(deployment.broker.results, "broker.results")
+    endpoints = {deployment.broker.clients: "broker.clients"}
+    if deployment.broker.results in endpoints:
+        raise DeploymentError("broker.results", "same endpoint as broker.clients")
+    endpoints[deployment.broker.results] = "broker.results"
+    if not deployment.pipelines:
+        raise DeploymentError("pipelines", "at least one pipeline is needed")
+    ids: dict[str, str] = {}
+    devices: dict[tuple[str, str], str] = {}
+    end_layer = info.num_layers if info else None
+    for p, pipeline in enumerate(deployment.pipelines):
+        where = f"pipelines[{p}]"
+        if pipeline.id in ids:
+            raise DeploymentError(f"{where}.id", f"duplicate id {pipeline.id!r} (also {ids[pipeline.id]})")
+        ids[pipeline.id] = f"{where}.id"
+        if not pipeline.stages:
+            raise DeploymentError(f"{where}.stages", "a pipeline needs at least one stage")
+        next_layer = 0
+        for s, stage in enumerate(pipeline.stages):
+            at = f"{where}.stages[{s}]"
+            if stage.id in ids:
+                raise DeploymentError(f"{at}.id", f"duplicate id {stage.id!r} (also {ids[stage.id]})")
+            ids[stage.id] = f"{at}.id"
+            for field in ("inbound", "tp_init"):
+                value = getattr(stage, field)
+                _check_endpoint(value, f"{at}.{field}")
+                if value in endpoints:
+                    raise DeploymentError(f"{at}.{field}", f"endpoint {value} is also {endpoints[value]}")
+                endpoints[value] = f"{at}.{field}"
+            start, end = stage.layers
+            if start != next_layer:
+                problem = "overlaps the previous stage" if start < next_layer else "leaves a gap after the previous stage"
+                raise DeploymentError(f"{at}.layers", f"[{start}, {end}) {problem} (expected to start at {next_layer})")
+            if end <= start:
+                raise DeploymentError(f"{at}.layers", f"[{start}, {end}) is empty; ranges are half-open [start, end)")
+            if end_layer is not None and end > end_layer:
+                raise DeploymentError(f"{at}.layers", f"[{start}, {end}) goes past the model's {end_layer} layers")
+            next_layer = end
+            if not stage.ranks:
+                raise DeploymentError(f"{at}.ranks", "a stage needs at least one rank")
+            hosts = {rank.host for rank in stage.ranks}
+            if len(hosts) > 1:
+                raise DeploymentError(f"{at}.ranks", f"a TP group stays on one host, got {sorted(hosts)}")
+            for r, rank in enumerate(stage.ranks):
+                if not DEVICE.match(rank.device):
+                    raise DeploymentError(f"{at}.ranks[{r}].device", f"{rank.device!r} is not cpu or cuda:N")
+                if rank.device.startswith("cuda"):
+                    key = (rank.host, rank.device if ":" in rank.device else "cuda:0")
+                    if key in devices:
+                        raise DeploymentError(f"{at}.ranks[{r}]", f"{key[1]} on {key[0]} is also {devices[key]}")
+                    devices[key] = f"{at}.ranks[{r}]"
+            if info is not None and (why := info.check_tp_degree(stage.tp)):
+                raise DeploymentError(f"{at}.ranks", why)
+        if end_layer is None:
+            end_layer = next_layer
+        if next_layer != end_layer:
+            raise DeploymentError(
+                f"{where}.stages", f"layers end at {next_layer}, but the model has {end_layer} layers"
+            )
+
+
+def load_deployment(source: str | Path | dict, check_checkpoint: bool = True) -> Deployment:
+    """Load and validate a deployment file (a path or an already parsed mapping).
+
+    With `check_checkpoint`, the model directory must hold a supported safetensors checkpoint, and layer
+    ranges and TP degrees are checked against its config; without it (a plan for machines elsewhere), only
+    the layout's own consistency is checked.
+    """
+    base_dir = None
+    if isinstance(source, dict):
+        data = source
+    else:
+        path = Path(source)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise DeploymentError("(file)", f"cannot read {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise DeploymentError("(file)", f"{path} is not valid YAML: {exc}") from None
+        base_dir = path.parent
+    deployment = parse_deployment(data, base_dir)
+    info = None
+    if check_checkpoint:
+        try:
+            info = deployment.model_info()
+        except CheckpointError as exc:
+            raise DeploymentError("model.path", str(exc)) from None
+    validate_layout(deployment, info)
+    return deployment
+
+
+def dump_deployment(deployment: Deployment) -> str:
+    """The deployment as YAML text (what `load_deployment` reads back)."""
+    return yaml.safe_dump(msgspec.to_builtins(deployment), sort_keys=False)

@@ -1,0 +1,231 @@
+"""Every message that crosses a socket, as frozen tagged msgspec Structs, and one decoder over their union.
+
+Frame 0 of every ZeroMQ message is `Header(version, body, tensors)` in MessagePack; frames 1..n hold the raw
+bytes of the tensors listed in `tensors` (see `wire.py`). Nothing here is pickled, and nothing here imports
+torch, so the broker and the client use these definitions without it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Union
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class Base(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, gc=False, tag=True):
+    """Base of every message; the tag is the class name, so the union decodes by kind."""
+
+
+class TensorMeta(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    dtype: str
+    shape: list[NonNegInt]
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+
+
+class SamplingParams(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, gc=False):
+    """How the last stage picks tokens. temperature == 0 means greedy."""
+
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop_token_ids: list[int] = []
+
+    def validate(self, vocab_size: int) -> None:
+        """Raise ValueError naming the parameter that is out of range."""
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens!r}")
+        if not (self.temperature >= 0.0) or self.temperature != self.temperature or self.temperature > 100:
+            raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k!r}")
+        if self.top_p is not None and not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and not (0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed!r}")
+        bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"stop_token_ids outside the vocabulary (size {vocab_size}): {bad}")
+
+
+# ------------------------------------------------------------------------------- broker -> first stage
+
+
+class Submit(Base, frozen=True):
+    """A new request for a pipeline's first stage."""
+
+    request_id: int
+    prompt: list[int]
+    params: SamplingParams
+    eos_token_ids: list[int] = []
+    timeout_s: float | None = None
+
+
+class Cancel(Base, frozen=True):
+    """Drop requests (client cancel, deadline, lost client). Passed down the pipeline as a release."""
+
+    request_ids: list[int]
+    reason: str = "cancelled"
+
+
+# ------------------------------------------------------------------------------------ stage -> stage
+
+
+class Segment(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """`n_tokens` tokens of one request starting at position `start`; `sample` when its last token's logits
+    give the request's next token (the end of a prompt, or a decode step)."""
+
+    request_id: int
+    start: NonNegInt
+    n_tokens: NonNegInt
+    sample: bool
+
+
+class NewRequest(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, gc=False):
+    """Announces a request to the later stages, with what the last stage needs to sample and stop."""
+
+    request_id: int
+    total_tokens: int  # prompt + max_new_tokens: what its cache may grow to
+    params: SamplingParams
+    eos_token_ids: list[int] = []
+
+
+class MicroBatch(Base, frozen=True):
+    """One unit of work between stages: segments packed along the token axis of one tensor
+    (token ids into the first stage's layers, hidden states after)."""
+
+    batch_id: int
+    segments: list[Segment]
+    new: list[NewRequest] = []
+    release: list[int] = []
+
+
+class TokenRecord(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, gc=False):
+    request_id: int
+    token: int
+    finished: bool = False
+    reason: str | None = None  # "eos", "stop", "length"; or an error message when token < 0
+
+
+class Feedback(Base, frozen=True):
+    """Last stage -> first stage: the sampled tokens of one micro-batch (the decode loop's back edge)."""
+
+    batch_id: int
+    records: list[TokenRecord]
+
+
+# -------------------------------------------------------------------------------- stage -> broker
+
+
+class StageReady(Base, frozen=True):
+    stage_id: str
+    rank: int
+    pid: int
+    kv_capacity_tokens: int = 0
+
+
+class Heartbeat(Base, frozen=True):
+    stage_id: str
+    running: int = 0
+    free_kv_tokens: int = 0
+
+
+class Tokens(Base, frozen=True):
+    """Last stage -> broker: the tokens sampled in one step, for streaming to clients."""
+
+    pipeline_id: str
+    records: list[TokenRecord]
+
+
+class StageFailed(Base, frozen=True):
+    """A stage tells the broker (or a launcher) that it cannot serve: requests listed here are lost."""
+
+    stage_id: str
+    message: str
+    request_ids: list[int] = []
+
+
+class BrokerReady(Base, frozen=True):
+    pid: int
+
+
+# ------------------------------------------------------------------------------- client <-> broker
+
+
+class ChatMessage(msgspec.Struct, frozen=True, gc=False):
+    role: str
+    content: str
+
+
+class GenerateRequest(Base, frozen=True):
+    client_request_id: int
+    params: SamplingParams
+    prompt_ids: list[int] | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    timeout_s: float | None = None
+
+
+class CancelRequest(Base, frozen=True):
+    client_request_id: int
+
+
+class Ping(Base, frozen=True):
+    """Keeps a client's requests alive; a client silent for too long is taken to be gone."""
+
+
+class StatusRequest(Base, frozen=True):
+    pass
+
+
+class TokenEvent(Base, frozen=True):
+    client_request_id: int
+    tokens: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+    text: str | None = None
+    prompt_tokens: int = 0
+
+
+class ErrorEvent(Base, frozen=True):
+    client_request_id: int
+    code: str  # "invalid_request", "prompt_too_long", "no_pipeline", "busy", "timeout", "stage_failed", ...
+    message: str
+
+
+class PipelineStatus(msgspec.Struct, frozen=True, gc=False):
+    id: str
+    ready: bool
+    healthy: bool
+    in_flight: int
+    stages_ready: list[str]
+
+
+class StatusReply(Base, frozen=True):
+    pipelines: list[PipelineStatus]
+    queued: int = 0
+
+
+Message = Union[
+    Submit, Cancel, MicroBatch, Feedback, StageReady, Heartbeat, Tokens, StageFailed, BrokerReady,
+    GenerateRequest, CancelRequest, Ping, StatusRequest, TokenEvent, ErrorEvent, StatusReply,
+]
+
+
+class Header(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """Frame 0: protocol version, the message, and one TensorMeta per following frame."""
+
+    version: int
+    body: Message
+    tensors: list[TensorMeta] = []
+
+
+HEADER_ENCODER = msgspec.msgpack.Encoder()
+HEADER_DECODER = msgspec.msgpack.Decoder(Header)

@@ -1,0 +1,75 @@
+"""Every constant of the planner's cost model, search and output, in one place.
+
+Change a number here and every part of the planner sees it; nothing else in the package hard-codes a
+tuning value. Units are in the names: seconds (_S), bytes (_BYTES), gibibytes (_GIB), fractions (0..1).
+"""
+
+from __future__ import annotations
+
+GIB = 1024**3
+
+# --- compute roofline -------------------------------------------------------------------------------------
+# Share of the datasheet dense fp16 tensor peak that decoder GEMMs reach (large prefill GEMMs).
+COMPUTE_EFFICIENCY = 0.55
+# Share of the datasheet HBM bandwidth reached when streaming weights and KV cache (decode).
+MEMORY_EFFICIENCY = 0.75
+# Fixed cost per decoder layer per forward call (kernel launches, norms, rotary, Python dispatch).
+LAYER_OVERHEAD_S = 60e-6
+# Fixed cost per stage per step (receive, decode header, schedule, send): the runtime's message loop.
+STAGE_STEP_OVERHEAD_S = 0.5e-3
+# Whether the LM head is split over the last stage's TP ranks (False: every rank holds and runs it whole).
+LM_HEAD_SHARDED = False
+
+# --- memory -----------------------------------------------------------------------------------------------
+# Share of a GPU's memory the planner lets a stage use (the rest: allocator fragmentation, NCCL buffers).
+MEMORY_UTILISATION = 0.92
+# Per-rank fixed workspace: CUDA context, cuBLAS workspaces, torch.distributed buffers.
+WORKSPACE_BYTES = int(1.5 * GIB)
+# Activation workspace per token of a prefill micro-batch, in units of hidden_size elements (MLP
+# intermediate, attention scores and residual copies alive at once).
+ACTIVATION_HIDDEN_MULTIPLE = 8
+
+# --- network ------------------------------------------------------------------------------------------------
+# Link used between two regions that the cluster file does not connect (stated, never silent: the report
+# lists every such pair).
+DEFAULT_WAN_GBPS = 1.0
+DEFAULT_WAN_LATENCY_MS = 50.0
+DEFAULT_INTRA_HOST = (100.0, 0.01)  # (gbps, latency_ms): PCIe/NVLink inside a host
+DEFAULT_INTRA_REGION = (10.0, 0.1)  # (gbps, latency_ms): the datacenter's Ethernet
+# Share of a link's nominal bandwidth a TCP stream reaches.
+LINK_EFFICIENCY = 0.8
+# Bytes of one sampled token id travelling from the last stage back to the first.
+TOKEN_ID_BYTES = 8
+# Framing bytes per message (MessagePack header, ZeroMQ frames).
+MESSAGE_HEADER_BYTES = 256
+
+# --- workload defaults ----------------------------------------------------------------------------------------
+# Requests a pipeline runs at once (the continuous batch); sizes the KV cache the planner reserves.
+DEFAULT_MAX_BATCH = 16
+# Target share of requests that meet their deadline, for the report's "highest sustainable rate".
+DEFAULT_TARGET_ATTAINMENT = 0.99
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+# --- simulation ------------------------------------------------------------------------------------------------
+# Poisson arrivals simulated per fitness evaluation (the same trace, scaled by the rate, for every plan).
+SIM_REQUESTS = 400
+# Relative precision of the bisection for the highest sustainable rate.
+RATE_SEARCH_TOLERANCE = 0.005
+
+# --- genetic search ----------------------------------------------------------------------------------------------
+POPULATION_SIZE = 32
+ELITE_COUNT = 4
+TOURNAMENT_SIZE = 3
+CROSSOVER_RATE = 0.5
+# Relative weights of the mutation kinds (merge, split, swap).
+MUTATION_WEIGHTS = (1.0, 1.0, 1.5)
+# Probability that merge and swap pick a partner group in the same region.
+SAME_REGION_BIAS = 0.8
+DEFAULT_TIME_BUDGET_S = 30.0
+# Stop early when the best plan has not changed for this many generations.
+STAGNATION_GENERATIONS = 60
+DEFAULT_SEED = 0
+
+# --- deployment file ------------------------------------------------------------------------------------------------
+# First port handed out on every host; the broker's two sockets come first on the broker's host.
+PORT_BASE = 6000

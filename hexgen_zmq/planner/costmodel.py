@@ -1,0 +1,143 @@
+"""The cost model: time of a stage per phase, TP all-reduces, pipeline hops, and memory per GPU.
+
+Compute is a roofline: a layer takes the longer of its FLOPs at the GPU's tensor peak and its bytes read
+(weights, KV cache) at its memory bandwidth, each scaled by an efficiency factor, plus a fixed overhead.
+TP adds two ring all-reduces per layer over the intra-host link (TP groups never leave a host). A
+pipeline hop moves the activations of a micro-batch over the link between the two stages' hosts.
+All constants come from `constants`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+from hexgen_zmq.planner import constants as C
+from hexgen_zmq.planner.catalog import GpuSpec
+from hexgen_zmq.planner.cluster import Cluster, Link
+from hexgen_zmq.planner.model import ModelSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """Requests to serve: lengths in tokens, Poisson arrival rate (1/s), latency deadline (s)."""
+
+    prompt_len: int
+    output_len: int
+    rate: float
+    slo: float
+    dtype: str = "float16"
+    max_batch: int = C.DEFAULT_MAX_BATCH
+
+    def __post_init__(self) -> None:
+        if self.prompt_len < 1 or self.output_len < 1:
+            raise ValueError("prompt and output lengths must be at least 1 token")
+        if self.rate <= 0 or self.slo <= 0 or self.max_batch < 1:
+            raise ValueError("rate, slo and max_batch must be positive")
+        if self.dtype not in C.DTYPE_BYTES:
+            raise ValueError(f"dtype must be one of {', '.join(C.DTYPE_BYTES)}")
+
+    @property
+    def dtype_bytes(self) -> int:
+        return C.DTYPE_BYTES[self.dtype]
+
+    @property
+    def mean_context(self) -> float:
+        """Mean number of cached tokens a decode step attends to."""
+        return self.prompt_len + self.output_len / 2
+
+
+class CostModel:
+    """Times and memory for one (cluster, model, workload); results are cached per GPU type and TP."""
+
+    def __init__(self, cluster: Cluster, model: ModelSpec, workload: Workload):
+        self.cluster = cluster
+        self.model = model
+        self.workload = workload
+        self.tp_degrees = [tp for tp in (1, 2, 4, 8, 16, 32, 64) if model.valid_tp(tp)]
+        self.layer_time = lru_cache(maxsize=None)(self._layer_time)
+        self.head_time = lru_cache(maxsize=None)(self._head_time)
+
+    # --- time ---------------------------------------------------------------------------------------------
+    def _roofline(self, gpu: GpuSpec, flops: float, nbytes: float) -> float:
+        return max(flops / (gpu.flops * C.COMPUTE_EFFICIENCY), nbytes / (gpu.bandwidth * C.MEMORY_EFFICIENCY))
+
+    def allreduce(self, tp: int, nbytes: float, link: Link) -> float:
+        """One ring all-reduce of `nbytes` over `tp` ranks: 2(tp-1) steps of nbytes/tp each."""
+        if tp == 1:
+            return 0.0
+        return 2 * (tp - 1) * (link.latency + nbytes / tp / link.bandwidth)
+
+    def _layer_time(self, gpu: GpuSpec, tp: int, tokens: int, decode: bool) -> float:
+        """One decoder layer on one TP rank: `tokens` query tokens of a decode batch or of one prompt."""
+        m, w = self.model, self.workload
+        b = w.dtype_bytes
+        if decode:
+            context = w.mean_context
+            kv_bytes = tokens * context * m.kv_elements_per_token_layer(tp) * b
+        else:
+            context = (tokens + 1) / 2  # causal: query i attends to i keys
+            kv_bytes = 2 * tokens * m.kv_elements_per_token_layer(tp) * b  # written once, read once
+        flops = tokens * (m.layer_matmul_flops_per_token() + m.attention_flops_per_token(context)) / tp
+        nbytes = m.layer_params * b / tp + kv_bytes + 4 * tokens * m.hidden_size * b
+        reduce = 2 * self.allreduce(tp, tokens * m.hidden_size * b, self.cluster.intra_host)
+        return self._roofline(gpu, flops, nbytes) + C.LAYER_OVERHEAD_S + reduce
+
+    def _head_time(self, gpu: GpuSpec, tp: int, tokens: int) -> float:
+        """Final norm and LM head for `tokens` positions (only positions that sample are computed)."""
+        m, b = self.model, self.workload.dtype_bytes
+        split = tp if C.LM_HEAD_SHARDED else 1
+        flops = 2 * tokens * m.vocab_size * m.hidden_size / split
+        return self._roofline(gpu, flops, m.head_params * b / split) + C.LAYER_OVERHEAD_S
+
+    def stage_time(self, gpu: GpuSpec, tp: int, layers: int, last: bool, tokens: int, decode: bool) -> float:
+        """One step of a stage: its layers, the head if last, and the per-step message overhead."""
+        t = layers * self.layer_time(gpu, tp, tokens, decode) + C.STAGE_STEP_OVERHEAD_S
+        if last:
+            t += self.head_time(gpu, tp, tokens if decode else 1)
+        return t
+
+    def hop(self, host_a: int, host_b: int, tokens: int) -> float:
+        """Activations of `tokens` positions from a stage on host_a to the next one on host_b."""
+        nbytes = tokens * self.model.hidden_size * self.workload.dtype_bytes
+        return self.cluster.link(host_a, host_b).transfer(nbytes)
+
+    def loopback(self, host_last: int, host_first: int, batch: int, stages: int) -> float:
+        """Sampled token ids from the last stage back to the first (in-process for one stage)."""
+        if stages == 1:
+            return 0.0
+        return self.cluster.link(host_last, host_first).transfer(batch * C.TOKEN_ID_BYTES)
+
+    # --- memory ---------------------------------------------------------------------------------------------
+    def layer_bytes(self, tp: int) -> float:
+        """Per-rank memory of one layer: weight shard plus the KV cache of the planned batch."""
+        m, w = self.model, self.workload
+        kv = w.max_batch * (w.prompt_len + w.output_len) * m.kv_elements_per_token_layer(tp)
+        return (m.layer_params / tp + kv) * w.dtype_bytes
+
+    def fixed_bytes(self, tp: int, first: bool, last: bool) -> float:
+        """Per-rank memory that does not grow with layers: workspace, activations, embeddings, head."""
+        m, w = self.model, self.workload
+        b = w.dtype_bytes
+        total = C.WORKSPACE_BYTES + w.prompt_len * m.hidden_size * C.ACTIVATION_HIDDEN_MULTIPLE * b
+        if first:
+            total += m.embedding_params * b
+        if last:
+            total += m.head_params * b / (tp if C.LM_HEAD_SHARDED else 1)
+            total += w.max_batch * m.vocab_size * 4  # float32 logits of one step
+        return total
+
+    def stage_memory(self, gpu: GpuSpec, tp: int, layers: int, first: bool, last: bool) -> float:
+        """Bytes one rank of this stage needs."""
+        return self.fixed_bytes(tp, first, last) + layers * self.layer_bytes(tp)
+
+    def usable_bytes(self, gpu: GpuSpec) -> float:
+        return gpu.memory_bytes * C.MEMORY_UTILISATION
+
+    def max_layers(self, gpu: GpuSpec, tp: int, first: bool, last: bool) -> int:
+        """The most layers a stage of `tp` GPUs of this type can hold (0: not even one)."""
+        free = self.usable_bytes(gpu) - self.fixed_bytes(tp, first, last)
+        if free <= 0:
+            return 0
+        return min(self.model.num_hidden_layers, math.floor(free / self.layer_bytes(tp)))
