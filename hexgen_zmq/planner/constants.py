@@ -53,6 +53,8 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # --- simulation ------------------------------------------------------------------------------------------------
 # Poisson arrivals simulated per fitness evaluation (the same trace, scaled by the rate, for every plan).
 SIM_REQUESTS = 400
+# Requests simulated for the report's rate and deadline figures (a longer trace, run only a few times).
+REPORT_REQUESTS = 2000
 # Relative precision of the bisection for the highest sustainable rate.
 RATE_SEARCH_TOLERANCE = 0.005
 
@@ -69,6 +71,8 @@ DEFAULT_TIME_BUDGET_S = 30.0
 # Stop early when the best plan has not changed for this many generations.
 STAGNATION_GENERATIONS = 60
 DEFAULT_SEED = 0
+# The prototype baseline enumerates TP splits per host; a group with more combinations is cut off here.
+PROTOTYPE_MAX_COMBINATIONS = 4096
 
 # --- deployment file ------------------------------------------------------------------------------------------------
 # First port handed out on every host; the broker's two sockets come first on the broker's host.

@@ -66,13 +66,14 @@ def best_pipeline(cm: CostModel, group: Group) -> Pipeline | None:
     options = stage_options(cm, group)
     best: Pipeline | None = None
     for first_host in sorted({o.host for o in options}):
-        found = _solve(cm, group, options, first_host)
-        if found is not None and (best is None or found.cost < best.cost):
+        found = _solve(cm, group, options, first_host, best.cost if best else INF)
+        if found is not None:
             best = found
     return best
 
 
-def _solve(cm: CostModel, group: Group, options: list[_Option], first_host: int) -> Pipeline | None:
+def _solve(cm: CostModel, group: Group, options: list[_Option], first_host: int, bound: float) -> Pipeline | None:
+    """The cheapest pipeline starting on `first_host` that costs less than `bound`, if any."""
     w = cm.workload
     L = cm.model.num_hidden_layers
     steps = w.output_len - 1
@@ -90,7 +91,11 @@ def _solve(cm: CostModel, group: Group, options: list[_Option], first_host: int)
     # state key -> (cost per layers placed, back pointer per layers placed: (prev key, prev layers, option))
     states: dict[tuple, tuple[list[float], list]] = {}
     buckets: dict[int, list[tuple]] = {}
-    best_cost, best_end = INF, None
+    best_cost, best_end = bound, None
+    # Lower bound on what placing the layers after the first l still costs: prune what cannot win.
+    cheapest_layer = min((o.per_layer for o in options), default=0.0)
+    cheapest_last = min((o.fixed_last for o in options), default=0.0)
+    rest = [(L - l) * cheapest_layer + cheapest_last for l in range(L + 1)]
 
     def state(key: tuple) -> tuple[list[float], list]:
         if key not in states:
@@ -124,31 +129,44 @@ def _solve(cm: CostModel, group: Group, options: list[_Option], first_host: int)
         for key in buckets.get(free, []):
             remaining, last_host = key
             costs, _ = states[key]
-            if all(c == INF for c in costs):
+            live = [l for l in range(1, L) if costs[l] + rest[l] < best_cost]
+            if not live:
                 continue
+            lowest = live[0]
             for opt in options:
                 if opt.tp > remaining[opt.index]:
                     continue
                 h = hop(last_host, opt.host)
                 if opt.cap_last >= 1:  # this stage ends the pipeline
                     tail = opt.fixed_last + h + loop(opt.host)
-                    for l in range(max(1, L - opt.cap_last), L):
+                    for l in range(max(lowest, L - opt.cap_last), L):
                         cost = costs[l] + (L - l) * opt.per_layer + tail
                         if cost < best_cost:
                             best_cost, best_end = cost, (key, l, opt)
                 if opt.cap_mid >= 1 and L > 2:
-                    _extend(costs, key, opt, h, state((take(remaining, opt), opt.host)), L)
+                    target = state((take(remaining, opt), opt.host))
+                    _extend(costs, key, opt, h, target, L, lowest, [best_cost - r for r in rest])
     if best_end is None:
         return None
     return Pipeline(_trace(states, best_end, L, start_key), best_cost)
 
 
-def _extend(costs: list[float], key: tuple, opt: _Option, hop: float, target: tuple[list[float], list], L: int) -> None:
-    """target[k] = min over l in [k-cap, k-1], l >= 1 of costs[l] + (k-l)*c + fixed + hop, for k < L."""
+def _extend(
+    costs: list[float],
+    key: tuple,
+    opt: _Option,
+    hop: float,
+    target: tuple[list[float], list],
+    L: int,
+    lowest: int,
+    limits: list[float],
+) -> None:
+    """target[k] = min over l in [k-cap, k-1], l >= lowest of costs[l] + (k-l)*c + fixed + hop, for k < L,
+    kept only below limits[k] (beyond it the pipeline cannot beat the best one found)."""
     new_costs, new_backs = target
     c, cap, add = opt.per_layer, opt.cap_mid, opt.fixed + hop
     window: deque[int] = deque()  # candidate l, increasing l and increasing costs[l] - l*c
-    for k in range(2, L):
+    for k in range(lowest + 1, L):
         l_new = k - 1
         if costs[l_new] < INF:
             value = costs[l_new] - l_new * c
@@ -160,7 +178,7 @@ def _extend(costs: list[float], key: tuple, opt: _Option, hop: float, target: tu
         if window:
             l = window[0]
             cost = costs[l] + (k - l) * c + add
-            if cost < new_costs[k]:
+            if cost < new_costs[k] and cost < limits[k]:
                 new_costs[k], new_backs[k] = cost, (key, l, opt)
 
 

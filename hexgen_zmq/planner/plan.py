@@ -27,7 +27,7 @@ def make_genome(groups: list[Group] | list[dict[int, int]]) -> Genome:
     return tuple(sorted(g for g in canon if g))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, order=True)
 class Stage:
     """`tp` GPUs of one slot running decoder layers [start, end)."""
 
