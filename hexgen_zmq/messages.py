@@ -66,6 +66,7 @@ class Submit(Base, frozen=True):
     params: SamplingParams
     eos_token_ids: list[int] = []
     timeout_s: float | None = None
+    kv_budget_blocks: int = 0  # the smallest KV cache of the pipeline's stages, in blocks (0: unknown)
 
 
 class Cancel(Base, frozen=True):
@@ -133,8 +134,8 @@ class StageReady(Base, frozen=True):
 
 class Heartbeat(Base, frozen=True):
     stage_id: str
+    kv_capacity_tokens: int = 0
     running: int = 0
-    free_kv_tokens: int = 0
 
 
 class Tokens(Base, frozen=True):
@@ -192,6 +193,7 @@ class TokenEvent(Base, frozen=True):
     finish_reason: str | None = None
     text: str | None = None
     prompt_tokens: int = 0
+    pipeline: str | None = None  # on the last event: the pipeline that served the request
 
 
 class ErrorEvent(Base, frozen=True):
@@ -206,6 +208,7 @@ class PipelineStatus(msgspec.Struct, frozen=True, gc=False):
     healthy: bool
     in_flight: int
     stages_ready: list[str]
+    cached_requests: dict[str, int] = {}  # per stage: requests holding KV cache (from heartbeats)
 
 
 class StatusReply(Base, frozen=True):
@@ -229,3 +232,34 @@ class Header(msgspec.Struct, frozen=True, array_like=True, gc=False):
 
 HEADER_ENCODER = msgspec.msgpack.Encoder()
 HEADER_DECODER = msgspec.msgpack.Decoder(Header)
+
+
+class WireError(ValueError):
+    """A message that does not follow the wire format."""
+
+
+def decode_header(frame: bytes | memoryview) -> Header:
+    """Frame 0 checked against the schema and the protocol version."""
+    try:
+        header = HEADER_DECODER.decode(frame)
+    except msgspec.DecodeError as exc:
+        raise WireError(f"malformed header: {exc}") from None
+    if header.version != PROTOCOL_VERSION:
+        raise WireError(f"protocol version {header.version}, expected {PROTOCOL_VERSION}")
+    return header
+
+
+def encode_control(body: Message) -> list[bytes]:
+    """Frames of a message without tensors (clients, broker, heartbeats): torch is not needed."""
+    return [HEADER_ENCODER.encode(Header(PROTOCOL_VERSION, body))]
+
+
+def decode_control(frames: list) -> Message:
+    """The message of a tensor-less multipart message; anything else is a WireError."""
+    if len(frames) != 1:
+        raise WireError(f"expected 1 frame, got {len(frames)}")
+    frame = frames[0]
+    header = decode_header(getattr(frame, "buffer", frame))
+    if header.tensors:
+        raise WireError("unexpected tensors in a control message")
+    return header.body

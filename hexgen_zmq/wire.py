@@ -13,10 +13,9 @@ import math
 import warnings
 from collections.abc import Sequence
 
-import msgspec
 import torch
 
-from hexgen_zmq.messages import HEADER_DECODER, HEADER_ENCODER, PROTOCOL_VERSION, Header, Message, TensorMeta
+from hexgen_zmq.messages import HEADER_ENCODER, PROTOCOL_VERSION, Header, Message, TensorMeta, WireError, decode_header
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -30,10 +29,6 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 # torch.frombuffer warns that ZeroMQ's buffers are read-only; received tensors are only ever read.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
-
-
-class WireError(ValueError):
-    """A message that does not follow the wire format."""
 
 
 def tensor_frame(tensor: torch.Tensor) -> memoryview:
@@ -68,12 +63,7 @@ def decode(frames: Sequence[object]) -> tuple[Message, list[torch.Tensor]]:
     """Rebuild a message and its tensors from frames; tensors share the frames' memory."""
     if not frames:
         raise WireError("empty message")
-    try:
-        header = HEADER_DECODER.decode(_buffer(frames[0]))
-    except msgspec.DecodeError as exc:
-        raise WireError(f"malformed header: {exc}") from None
-    if header.version != PROTOCOL_VERSION:
-        raise WireError(f"protocol version {header.version}, expected {PROTOCOL_VERSION}")
+    header = decode_header(_buffer(frames[0]))
     if len(frames) != 1 + len(header.tensors):
         raise WireError(f"header lists {len(header.tensors)} tensors but {len(frames) - 1} frames follow")
     tensors = []

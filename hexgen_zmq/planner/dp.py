@@ -63,6 +63,8 @@ def stage_options(cm: CostModel, group: Group) -> list[_Option]:
 
 def best_pipeline(cm: CostModel, group: Group) -> Pipeline | None:
     """The cheapest pipeline on (a subset of) the group's GPUs, or None if the model cannot fit."""
+    if not _enough_memory(cm, group):
+        return None
     options = stage_options(cm, group)
     best: Pipeline | None = None
     for first_host in sorted({o.host for o in options}):
@@ -70,6 +72,14 @@ def best_pipeline(cm: CostModel, group: Group) -> Pipeline | None:
         if found is not None:
             best = found
     return best
+
+
+def _enough_memory(cm: CostModel, group: Group) -> bool:
+    """A necessary condition: all the group's GPUs together can hold every layer once."""
+    slots = cm.cluster.slots
+    free = sum(count * (cm.usable_bytes(slots[s].gpu) - cm.fixed_bytes(1, False, False)) for s, count in group)
+    per_layer = min(tp * cm.layer_bytes(tp) for tp in cm.tp_degrees)
+    return free >= cm.model.num_hidden_layers * per_layer
 
 
 def _solve(cm: CostModel, group: Group, options: list[_Option], first_host: int, bound: float) -> Pipeline | None:
@@ -132,7 +142,8 @@ def _solve(cm: CostModel, group: Group, options: list[_Option], first_host: int,
             live = [l for l in range(1, L) if costs[l] + rest[l] < best_cost]
             if not live:
                 continue
-            lowest = live[0]
+            lowest, highest = live[0], live[-1]
+            cheapest = min(costs[l] for l in live)
             for opt in options:
                 if opt.tp > remaining[opt.index]:
                     continue
@@ -143,9 +154,13 @@ def _solve(cm: CostModel, group: Group, options: list[_Option], first_host: int,
                         cost = costs[l] + (L - l) * opt.per_layer + tail
                         if cost < best_cost:
                             best_cost, best_end = cost, (key, l, opt)
-                if opt.cap_mid >= 1 and L > 2:
-                    target = state((take(remaining, opt), opt.host))
-                    _extend(costs, key, opt, h, target, L, lowest, [best_cost - r for r in rest])
+                top = min(L - 1, highest + opt.cap_mid)
+                if opt.cap_mid < 1 or top <= lowest:
+                    continue
+                if cheapest + opt.per_layer + opt.fixed + h + rest[top] >= best_cost:
+                    continue  # even the cheapest one-layer step from here cannot win
+                target = state((take(remaining, opt), opt.host))
+                _extend(costs, key, opt, h, target, (lowest, top), [best_cost - r for r in rest])
     if best_end is None:
         return None
     return Pipeline(_trace(states, best_end, L, start_key), best_cost)
@@ -157,16 +172,16 @@ def _extend(
     opt: _Option,
     hop: float,
     target: tuple[list[float], list],
-    L: int,
-    lowest: int,
+    span: tuple[int, int],
     limits: list[float],
 ) -> None:
-    """target[k] = min over l in [k-cap, k-1], l >= lowest of costs[l] + (k-l)*c + fixed + hop, for k < L,
-    kept only below limits[k] (beyond it the pipeline cannot beat the best one found)."""
+    """target[k] = min over l in [k-cap, k-1], l >= lowest of costs[l] + (k-l)*c + fixed + hop, for k in
+    (lowest, top], kept only below limits[k] (beyond it the pipeline cannot beat the best one found)."""
     new_costs, new_backs = target
     c, cap, add = opt.per_layer, opt.cap_mid, opt.fixed + hop
+    lowest, top = span
     window: deque[int] = deque()  # candidate l, increasing l and increasing costs[l] - l*c
-    for k in range(lowest + 1, L):
+    for k in range(lowest + 1, top + 1):
         l_new = k - 1
         if costs[l_new] < INF:
             value = costs[l_new] - l_new * c

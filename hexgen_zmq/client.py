@@ -1,0 +1,236 @@
+"""The client library (contract): async first, with a small synchronous wrapper. No torch needed.
+
+    client = await Client.connect("tcp://127.0.0.1:5555")
+    result = await client.generate(prompt="Hello", max_new_tokens=16)
+    async for token_id in client.stream(prompt_ids=[1, 2, 3], max_new_tokens=8): ...
+    await client.close()
+
+One task reads the DEALER socket and routes each event to its request's queue (errors travel through the
+same queue); another pings the broker while requests are open, so the broker can tell a client that went
+away from one that waits. Leaving a stream early, or cancelling the task, cancels the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import zmq
+import zmq.asyncio
+
+from hexgen_zmq.messages import (CancelRequest, ChatMessage, ErrorEvent, GenerateRequest, Ping, SamplingParams,
+                                 StatusReply, StatusRequest, TokenEvent, WireError, decode_control,
+                                 encode_control)
+from hexgen_zmq.sockets import CONTROL_MAX_BYTES, make_socket
+
+PING_S = 1.0
+
+
+class GenerationError(RuntimeError):
+    """The broker refused or failed a request; `code` says why (busy, timeout, stage_failed, ...)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]  # the new tokens only
+    text: str | None
+    finish_reason: str | None
+    ttft_s: float
+    total_s: float
+    prompt_tokens: int = 0
+    pipeline: str | None = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.token_ids) / self.total_s if self.total_s > 0 else 0.0
+
+
+@dataclass
+class _Open:
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    final: TokenEvent | None = None
+
+
+def _request(client_request_id: int, prompt_ids, prompt, messages, max_new_tokens, temperature, top_k, top_p, seed,
+             stop_token_ids, timeout_s) -> GenerateRequest:
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k, top_p=top_p,
+                            seed=seed, stop_token_ids=list(stop_token_ids or []))
+    chat = None
+    if messages is not None:
+        chat = [m if isinstance(m, ChatMessage) else ChatMessage(m["role"], m["content"]) for m in messages]
+    return GenerateRequest(client_request_id, params, list(prompt_ids) if prompt_ids is not None else None, prompt,
+                           chat, timeout_s)
+
+
+class Client:
+    def __init__(self, address: str):
+        self.address = address
+        self.ctx = zmq.asyncio.Context()
+        self.socket = make_socket(self.ctx, zmq.DEALER, connect=address, hwm=10000, max_bytes=CONTROL_MAX_BYTES,
+                                  identity=os.urandom(8))
+        self._ids = itertools.count(1)
+        self._open: dict[int, _Open] = {}
+        self._status: asyncio.Future | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    @classmethod
+    async def connect(cls, address: str) -> Client:
+        client = cls(address)
+        client._tasks = [asyncio.create_task(client._read()), asyncio.create_task(client._ping())]
+        return client
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        for request_id in list(self._open):
+            await self._send(CancelRequest(request_id))
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.socket.close(linger=200)
+        self.ctx.term()
+
+    async def _send(self, message) -> None:
+        await self.socket.send_multipart(encode_control(message))
+
+    async def _read(self) -> None:
+        while True:
+            frames = await self.socket.recv_multipart()
+            try:
+                message = decode_control(frames)
+            except WireError:
+                continue
+            if isinstance(message, StatusReply):
+                if self._status is not None and not self._status.done():
+                    self._status.set_result(message)
+                continue
+            if isinstance(message, (TokenEvent, ErrorEvent)):
+                entry = self._open.get(message.client_request_id)
+                if entry is not None:
+                    entry.queue.put_nowait(message)
+
+    async def _ping(self) -> None:
+        while True:
+            await asyncio.sleep(PING_S)
+            if self._open:
+                await self._send(Ping())
+
+    async def status(self, timeout_s: float = 5.0) -> StatusReply:
+        """The broker's view of its pipelines (ready, healthy, load)."""
+        self._status = asyncio.get_running_loop().create_future()
+        await self._send(StatusRequest())
+        return await asyncio.wait_for(self._status, timeout_s)
+
+    async def _events(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        request_id = request.client_request_id
+        entry = self._open[request_id] = _Open()
+        finished = False
+        try:
+            await self._send(request)
+            while True:
+                event = await entry.queue.get()
+                if isinstance(event, ErrorEvent):
+                    finished = True
+                    raise GenerationError(event.code, event.message)
+                finished = event.finished
+                yield event
+                if finished:
+                    return
+        finally:
+            self._open.pop(request_id, None)
+            if not finished:
+                with contextlib.suppress(zmq.ZMQError):
+                    self.socket.send_multipart(encode_control(CancelRequest(request_id)), flags=zmq.NOBLOCK)
+
+    async def stream(self, prompt_ids: list[int] | None = None, prompt: str | None = None, *, messages=None,
+                     max_new_tokens: int = 16, temperature: float = 0.0, top_k: int | None = None,
+                     top_p: float | None = None, seed: int | None = None, stop_token_ids: list[int] | None = None,
+                     timeout_s: float | None = None) -> AsyncIterator[int]:
+        """Yield each new token id as the pipeline produces it."""
+        request = _request(next(self._ids), prompt_ids, prompt, messages, max_new_tokens, temperature, top_k, top_p,
+                           seed, stop_token_ids, timeout_s)
+        events = self._events(request)
+        try:
+            async for event in events:
+                for token in event.tokens:
+                    yield token
+        finally:
+            await events.aclose()
+
+    async def generate(self, prompt_ids: list[int] | None = None, prompt: str | None = None, *, messages=None,
+                       max_new_tokens: int = 16, temperature: float = 0.0, top_k: int | None = None,
+                       top_p: float | None = None, seed: int | None = None, stop_token_ids: list[int] | None = None,
+                       timeout_s: float | None = None) -> GenerationResult:
+        """Run a request to the end and return its tokens, text and timings."""
+        request = _request(next(self._ids), prompt_ids, prompt, messages, max_new_tokens, temperature, top_k, top_p,
+                           seed, stop_token_ids, timeout_s)
+        start = time.perf_counter()
+        ttft = None
+        tokens: list[int] = []
+        last = None
+        events = self._events(request)
+        try:
+            async for event in events:
+                if ttft is None:
+                    ttft = time.perf_counter() - start
+                tokens.extend(event.tokens)
+                last = event
+        finally:
+            await events.aclose()
+        total = time.perf_counter() - start
+        return GenerationResult(tokens, last.text, last.finish_reason, ttft, total, last.prompt_tokens, last.pipeline)
+
+
+class SyncClient:
+    """A blocking wrapper for scripts: runs a Client on an event loop in a background thread."""
+
+    def __init__(self, address: str):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="hexgen-client")
+        self._thread.start()
+        self._client: Client = self._call(Client.connect(address))
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def generate(self, *args, **kwargs) -> GenerationResult:
+        return self._call(self._client.generate(*args, **kwargs))
+
+    def stream(self, *args, **kwargs) -> Iterator[int]:
+        agen = self._client.stream(*args, **kwargs)
+        try:
+            while True:
+                try:
+                    yield self._call(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._call(agen.aclose())
+
+    def status(self) -> StatusReply:
+        return self._call(self._client.status())
+
+    def close(self) -> None:
+        self._call(self._client.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

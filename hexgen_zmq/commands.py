@@ -1,0 +1,177 @@
+"""Runtime subcommands: stage, broker, up, generate, status, make-tiny-model, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("stage", help="run one rank of one stage")
+    p.add_argument("--config", required=True, help="deployment file")
+    p.add_argument("--stage", required=True, help="stage id in the deployment file")
+    p.add_argument("--rank", type=int, default=0, help="TP rank within the stage (0 is the leader)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--notify", default=None, help="endpoint to report ready to (used by `up`)")
+    p.set_defaults(func=cmd_stage)
+
+    p = subparsers.add_parser("broker", help="run the broker")
+    p.add_argument("--config", required=True)
+    p.add_argument("--notify", default=None)
+    p.set_defaults(func=cmd_broker)
+
+    p = subparsers.add_parser("up", help="start the broker and every stage of a deployment on this machine")
+    p.add_argument("config", help="deployment file")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: cores / ranks)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every process to be ready")
+    p.add_argument("--log-dir", default=None, help="write each process's output to a file here")
+    p.set_defaults(func=cmd_up)
+
+    p = subparsers.add_parser("generate", help="send one request to a running deployment and stream the answer")
+    p.add_argument("--config", required=True, help="deployment file (for the broker's address)")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--prompt", help="plain text prompt")
+    group.add_argument("--chat", help="a user message, wrapped in the checkpoint's chat template")
+    group.add_argument("--prompt-ids", help="comma-separated token ids")
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = subparsers.add_parser("status", help="show the broker's pipelines")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_status)
+
+    p = subparsers.add_parser("make-tiny-model", help="write a small random Llama checkpoint with a tokenizer")
+    p.add_argument("dir")
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_tiny_model)
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from hexgen_zmq.stage import run_stage
+
+    return run_stage(args.config, args.stage, args.rank, args.notify, args.threads)
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from brokers.broker import run_broker
+
+    return run_broker(args.config, args.notify)
+
+
+def serve(deployment, stop_on_signal: bool = True) -> int:
+    """Wait while every process runs; 0 on Ctrl-C / SIGTERM, 1 when a process dies (named)."""
+    stopping = []
+    if stop_on_signal:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stopping.append(True))
+    try:
+        while not stopping:
+            if dead := deployment.dead():
+                print(f"hexgen-zmq: process {dead} exited; stopping the deployment", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        return 0
+    finally:
+        print("hexgen-zmq: stopping", file=sys.stderr)
+        deployment.stop()
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from hexgen_zmq.deployment import DeploymentError
+    from hexgen_zmq.launcher import LaunchError, LocalDeployment
+
+    try:
+        deployment = LocalDeployment(args.config, log_dir=args.log_dir, threads=args.threads)
+        layout = ", ".join(f"{p.id}: " + " -> ".join(f"{s.id}[{s.layers[0]},{s.layers[1]})x{s.tp}" for s in p.stages)
+                           for p in deployment.deployment.pipelines)
+        print(f"hexgen-zmq: starting {layout}", file=sys.stderr)
+        deployment.start(timeout_s=args.timeout)
+    except (DeploymentError, LaunchError) as exc:
+        print(f"hexgen-zmq: {exc}", file=sys.stderr)
+        return 1
+    print(f"hexgen-zmq: ready; clients connect to {deployment.address}", flush=True)
+    return serve(deployment)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from hexgen_zmq.client import GenerationError
+    from hexgen_zmq.deployment import load_deployment
+
+    deployment = load_deployment(args.config, check_checkpoint=False)
+    request = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed)
+    if args.prompt is not None:
+        request["prompt"] = args.prompt
+    elif args.chat is not None:
+        request["messages"] = [{"role": "user", "content": args.chat}]
+    else:
+        request["prompt_ids"] = [int(t) for t in args.prompt_ids.split(",")]
+    try:
+        return asyncio.run(print_stream(deployment.broker.clients, request, deployment.model.path))
+    except GenerationError as exc:
+        print(f"\nhexgen-zmq: {exc}", file=sys.stderr)
+        return 1
+
+
+async def print_stream(address: str, request: dict, model_path: str) -> int:
+    """Stream the answer as text (decoded incrementally with the checkpoint's tokenizer) and print timings."""
+    from hexgen_zmq.client import Client
+
+    tokenizer = None
+    if "prompt_ids" not in request:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    start = time.perf_counter()
+    ttft = None
+    tokens: list[int] = []
+    shown = ""
+    async with await Client.connect(address) as client:
+        async for token in client.stream(**request):
+            ttft = ttft if ttft is not None else time.perf_counter() - start
+            tokens.append(token)
+            if tokenizer is None:
+                sys.stdout.write(f"{token} ")
+            else:
+                text = tokenizer.decode(tokens, skip_special_tokens=True)
+                sys.stdout.write(text[len(shown):])
+                shown = text
+            sys.stdout.flush()
+    total = time.perf_counter() - start
+    print(f"\n[{len(tokens)} tokens, first after {ttft or 0:.3f} s, {len(tokens) / total:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from hexgen_zmq.client import SyncClient
+    from hexgen_zmq.deployment import load_deployment
+
+    deployment = load_deployment(args.config, check_checkpoint=False)
+    with SyncClient(deployment.broker.clients) as client:
+        reply = client.status()
+    for p in reply.pipelines:
+        print(f"{p.id}: ready={p.ready} healthy={p.healthy} in_flight={p.in_flight} stages={','.join(p.stages_ready)}")
+    print(f"queued: {reply.queued}")
+    return 0
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from hexgen_zmq.tiny_model import make_tiny_model
+
+    path = make_tiny_model(args.dir, num_layers=args.layers, hidden_size=args.hidden, seed=args.seed)
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,139 @@
+"""Local deployment: start the broker and every rank of every stage of a deployment file on this machine as
+separate processes, wait for each to report ready (a handshake, not a sleep), watch them, stop them all.
+
+Used by `hexgen-zmq up`, the demo and the tests.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+
+from hexgen_zmq.deployment import Deployment, load_deployment
+from hexgen_zmq.messages import BrokerReady, StageFailed, StageReady, WireError, decode_control
+from hexgen_zmq.sockets import CONTROL_MAX_BYTES, make_socket
+
+
+class LaunchError(RuntimeError):
+    """A process of the deployment failed to start or died."""
+
+
+@dataclass
+class Child:
+    name: str  # "broker" or "STAGE:RANK"
+    process: subprocess.Popen
+    log_path: Path | None
+
+
+class LocalDeployment:
+    def __init__(self, config: str | Path, *, log_dir: str | Path | None = None, threads: int | None = None,
+                 env: dict[str, str] | None = None):
+        self.config = Path(config)
+        self.deployment: Deployment = load_deployment(self.config)
+        self.log_dir = Path(log_dir) if log_dir else None
+        ranks = sum(s.tp for p in self.deployment.pipelines for s in p.stages)
+        self.threads = threads or max(1, (os.cpu_count() or 1) // ranks)
+        self.env = {**os.environ, **(env or {})}
+        self.children: list[Child] = []
+
+    @property
+    def address(self) -> str:
+        return self.deployment.broker.clients
+
+    def _spawn(self, name: str, args: list[str], notify: str) -> None:
+        cmd = [sys.executable, "-m", "hexgen_zmq.cli", *args, "--config", str(self.config), "--notify", notify]
+        log_path = None
+        out = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            log_path = self.log_dir / f"{name.replace(':', '-')}.log"
+            out = open(log_path, "wb")
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None, env=self.env,
+                                   start_new_session=True)
+        if out is not None:
+            out.close()
+        self.children.append(Child(name, process, log_path))
+
+    def start(self, timeout_s: float = 180.0) -> None:
+        """Start everything and return once the broker and every stage leader said ready."""
+        ctx = zmq.Context()
+        notify = make_socket(ctx, zmq.PULL, bind="tcp://127.0.0.1:*", max_bytes=CONTROL_MAX_BYTES)
+        address = notify.getsockopt_string(zmq.LAST_ENDPOINT)
+        try:
+            self._spawn("broker", ["broker"], address)
+            waiting = {"broker"}
+            for pipeline in self.deployment.pipelines:
+                for stage in pipeline.stages:
+                    for rank in range(stage.tp):
+                        self._spawn(f"{stage.id}:{rank}", ["stage", "--stage", stage.id, "--rank", str(rank),
+                                                          "--threads", str(self.threads)], address)
+                    waiting.add(stage.id)
+            deadline = time.monotonic() + timeout_s
+            while waiting:
+                if time.monotonic() > deadline:
+                    raise LaunchError(f"not ready after {timeout_s:g} s: {', '.join(sorted(waiting))}")
+                if dead := self.dead():
+                    raise LaunchError(f"{dead} exited during start-up{self._log_hint(dead)}")
+                if not notify.poll(200):
+                    continue
+                try:
+                    message = decode_control(notify.recv_multipart())
+                except WireError:
+                    continue
+                if isinstance(message, BrokerReady):
+                    waiting.discard("broker")
+                elif isinstance(message, StageReady):
+                    waiting.discard(message.stage_id)
+                elif isinstance(message, StageFailed):
+                    raise LaunchError(f"stage {message.stage_id} failed to start: {message.message}")
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            notify.close(linger=0)
+            ctx.term()
+
+    def _log_hint(self, name: str) -> str:
+        child = next((c for c in self.children if c.name == name), None)
+        if child is None or child.log_path is None or not child.log_path.exists():
+            return ""
+        tail = child.log_path.read_text(errors="replace").strip().splitlines()[-15:]
+        return f" (log {child.log_path}):\n" + "\n".join(tail)
+
+    def dead(self) -> str | None:
+        """The name of a process that has exited, if any."""
+        for child in self.children:
+            if child.process.poll() is not None:
+                return child.name
+        return None
+
+    def pid(self, name: str) -> int:
+        return next(c.process.pid for c in self.children if c.name == name)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """SIGTERM everything, then SIGKILL what is still running after `grace_s`."""
+        for child in self.children:
+            if child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for child in self.children:
+            try:
+                child.process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait(5)
+        self.children.clear()
+
+    def __enter__(self) -> LocalDeployment:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

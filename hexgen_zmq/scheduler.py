@@ -1,0 +1,162 @@
+"""Continuous batching on a pipeline's first stage (pure policy, no torch).
+
+The first stage owns the decode loop: it forms every micro-batch from the work that is ready (decode steps
+of running requests whose last token came back, prompt chunks of new ones), within a per-step token budget,
+and keeps up to `depth` micro-batches in flight so that every stage of the pipeline has one to work on.
+Requests join and leave between steps. A request is admitted into the KV cache only when the pipeline's
+budget can hold its whole life (prompt + max_new_tokens); the others wait in FIFO order.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from hexgen_zmq.block_manager import blocks_for
+from hexgen_zmq.messages import Cancel, Feedback, MicroBatch, NewRequest, Segment, Submit
+
+
+@dataclass
+class Request:
+    submit: Submit
+    total_tokens: int
+    deadline: float | None
+    computed: int = 0  # positions already sent through this stage
+    next_token: int | None = None  # the sampled token waiting to be fed back in
+    in_flight: bool = False  # a sampled segment is on its way through the pipeline
+    announced: bool = False
+
+    @property
+    def id(self) -> int:
+        return self.submit.request_id
+
+    @property
+    def prompt_left(self) -> int:
+        return len(self.submit.prompt) - self.computed
+
+
+class Scheduler:
+    def __init__(self, capacity_blocks: int, block_size: int, max_batch_tokens: int, depth: int,
+                 clock=time.monotonic):
+        self.own_capacity_blocks = self.capacity_blocks = capacity_blocks
+        self.block_size = block_size
+        self.max_batch_tokens = max_batch_tokens
+        self.depth = max(1, depth)
+        self.clock = clock
+        self.waiting: deque[Request] = deque()
+        self.running: dict[int, Request] = {}
+        self.reserved_blocks = 0
+        self.pending_release: list[int] = []
+        self.in_flight_batches = 0
+        self._next_batch_id = 0
+
+    # ------------------------------------------------------------------ events
+    def submit(self, submit: Submit) -> None:
+        if submit.kv_budget_blocks:  # the broker's view of the smallest cache in the pipeline
+            self.capacity_blocks = min(self.own_capacity_blocks, submit.kv_budget_blocks)
+        total = len(submit.prompt) + submit.params.max_new_tokens
+        deadline = None if submit.timeout_s is None else self.clock() + submit.timeout_s
+        if submit.request_id in self.running or any(r.id == submit.request_id for r in self.waiting):
+            return  # a duplicate delivery
+        self.waiting.append(Request(submit, total, deadline))
+
+    def cancel(self, cancel: Cancel) -> list[int]:
+        """Drop requests wherever they are; returns the ids that were known."""
+        dropped = []
+        ids = set(cancel.request_ids)
+        for request in [r for r in self.waiting if r.id in ids]:
+            self.waiting.remove(request)
+            dropped.append(request.id)
+        for request_id in ids & self.running.keys():
+            self._finish(request_id)
+            dropped.append(request_id)
+        return dropped
+
+    def feedback(self, feedback: Feedback) -> None:
+        """Tokens sampled for one micro-batch came back: feed them in, retire finished requests."""
+        self.in_flight_batches = max(0, self.in_flight_batches - 1)
+        for record in feedback.records:
+            request = self.running.get(record.request_id)
+            if request is None:
+                continue  # cancelled while in flight
+            request.in_flight = False
+            if record.finished or record.token < 0:
+                self._finish(record.request_id)
+            else:
+                request.next_token = record.token
+
+    def expire(self) -> list[int]:
+        """Drop requests past their deadline (a guard in case the broker's cancel never comes)."""
+        now = self.clock()
+        late = [r.id for r in (*self.waiting, *self.running.values()) if r.deadline is not None and now > r.deadline]
+        if late:
+            self.cancel(Cancel(late, "deadline"))
+        return late
+
+    def _finish(self, request_id: int) -> None:
+        request = self.running.pop(request_id)
+        self.reserved_blocks -= blocks_for(request.total_tokens, self.block_size)
+        # The last stage frees finished requests itself; the release frees every stage before it.
+        self.pending_release.append(request_id)
+
+    # ------------------------------------------------------------------ batching
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running and not self.pending_release
+
+    def _admit_waiting(self) -> None:
+        while self.waiting:
+            need = blocks_for(self.waiting[0].total_tokens, self.block_size)
+            if self.reserved_blocks + need > self.capacity_blocks:
+                break
+            request = self.waiting.popleft()
+            self.reserved_blocks += need
+            self.running[request.id] = request
+
+    def next_batch(self) -> tuple[MicroBatch, list[int]] | None:
+        """The next micro-batch and its token ids, or None when nothing is ready or the pipeline is full."""
+        if self.in_flight_batches >= self.depth:
+            return None
+        self._admit_waiting()
+        cap = max(1, math.ceil(len(self.running) / self.depth))
+        budget = self.max_batch_tokens
+        segments: list[Segment] = []
+        new: list[NewRequest] = []
+        tokens: list[int] = []
+        for request in self.running.values():  # decode steps first: they hold the latency
+            if len(segments) >= cap or budget < 1:
+                break
+            if request.next_token is None or request.in_flight:
+                continue
+            segments.append(Segment(request.id, request.computed, 1, True))
+            tokens.append(request.next_token)
+            request.computed += 1
+            request.next_token = None
+            request.in_flight = True
+            budget -= 1
+        for request in self.running.values():  # then prompt chunks, oldest first
+            if len(segments) >= cap or budget < 1:
+                break
+            if request.prompt_left <= 0:
+                continue
+            n = min(request.prompt_left, budget)
+            last_chunk = n == request.prompt_left
+            segments.append(Segment(request.id, request.computed, n, last_chunk))
+            tokens.extend(request.submit.prompt[request.computed : request.computed + n])
+            if not request.announced:
+                sub = request.submit
+                new.append(NewRequest(sub.request_id, request.total_tokens, sub.params, sub.eos_token_ids))
+                request.announced = True
+            request.computed += n
+            request.in_flight = last_chunk
+            budget -= n
+        if not segments and not self.pending_release:
+            return None
+        batch = MicroBatch(self._next_batch_id, segments, new, self.pending_release)
+        self._next_batch_id += 1
+        self.pending_release = []
+        if segments:
+            self.in_flight_batches += 1
+        return batch, tokens

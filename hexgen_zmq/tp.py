@@ -1,0 +1,60 @@
+"""A stage's tensor-parallel group: its own small torch.distributed world (NCCL on GPUs, gloo on CPUs).
+
+Only the leader (rank 0) holds sockets; it broadcasts each micro-batch to the followers as raw bytes (the
+wire codec's header frame and the input tensor), never pickled objects. When idle it broadcasts a
+keep-alive, so a follower's wait can carry a timeout: a dead leader or follower surfaces as an error within
+`timeout_s`, never as a hang.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from hexgen_zmq.messages import HEADER_DECODER, MicroBatch
+from hexgen_zmq.wire import DTYPES, encode
+
+log = logging.getLogger(__name__)
+
+KEEPALIVE, BATCH, STOP = 0, 1, 2
+
+
+class TPGroup:
+    def __init__(self, init_method: str, rank: int, size: int, device: torch.device, timeout_s: float = 10.0):
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
+                                timeout=timedelta(seconds=timeout_s))
+        self.group = dist.group.WORLD
+        self.rank, self.size = rank, size
+        self.device = device if backend == "nccl" else torch.device("cpu")
+
+    def _bcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        moved = tensor.to(self.device)
+        dist.broadcast(moved, src=0, group=self.group)
+        return moved
+
+    def send(self, kind: int, batch: MicroBatch | None = None, inputs: torch.Tensor | None = None) -> None:
+        """Leader: announce the next step (or a keep-alive / stop) to the followers."""
+        header = bytes(encode(batch, [inputs])[0]) if kind == BATCH else b""
+        self._bcast(torch.tensor([kind, len(header)], dtype=torch.int64))
+        if kind == BATCH:
+            self._bcast(torch.frombuffer(bytearray(header), dtype=torch.uint8))
+            self._bcast(inputs.contiguous())
+
+    def receive(self) -> tuple[int, MicroBatch | None, torch.Tensor | None]:
+        """Follower: wait for the leader's next announcement."""
+        kind, header_len = self._bcast(torch.zeros(2, dtype=torch.int64)).cpu().tolist()
+        if kind != BATCH:
+            return kind, None, None
+        header = HEADER_DECODER.decode(self._bcast(torch.zeros(header_len, dtype=torch.uint8)).cpu().numpy().tobytes())
+        meta = header.tensors[0]
+        inputs = self._bcast(torch.empty(meta.shape, dtype=DTYPES[meta.dtype]))
+        return BATCH, header.body, inputs
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+

@@ -1,0 +1,147 @@
+"""End to end over real processes and sockets: client -> broker -> pipelines of 1, 2 and 3 stages (uneven
+splits) -> tokens back, checked against Hugging Face generate on the whole model."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from hexgen_zmq.client import Client, GenerationError
+from tests.support import hf_greedy, start_local, wait_for
+
+LAYOUT = [
+    [(0, 6, 1)],
+    [(0, 2, 1), (2, 6, 1)],
+    [(0, 1, 1), (1, 4, 1), (4, 6, 1)],
+]
+
+
+@pytest.fixture(scope="module")
+def deployment(tiny_model, tmp_path_factory):
+    local = start_local(tmp_path_factory.mktemp("e2e"), tiny_model, LAYOUT, request_timeout_s=60)
+    try:
+        yield local
+    finally:
+        local.stop()
+
+
+async def connect(deployment) -> Client:
+    return await Client.connect(deployment.address)
+
+
+async def test_concurrent_greedy_equals_hf(deployment, tiny_model):
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 490) for _ in range(n)] for n in (1, 3, 7, 12, 20, 33, 48, 5, 64, 9, 17, 2)]
+    async with await connect(deployment) as client:
+        results = await asyncio.wait_for(
+            asyncio.gather(*(client.generate(prompt_ids=p, max_new_tokens=24) for p in prompts)), 120)
+    for prompt, result in zip(prompts, results):
+        assert result.token_ids == hf_greedy(tiny_model, prompt, 24), f"prompt of {len(prompt)} tokens"
+        assert result.finish_reason in ("eos", "length")
+        assert 0 < result.ttft_s <= result.total_s
+    assert {r.pipeline for r in results} == {"p0", "p1", "p2"}  # every layout was exercised
+
+
+async def test_each_layout_alone_equals_hf(deployment, tiny_model):
+    """One request at a time: least-loaded dispatch visits pipelines in turn."""
+    prompt = [11, 22, 33, 44, 55]
+    expected = hf_greedy(tiny_model, prompt, 40)
+    async with await connect(deployment) as client:
+        for _ in range(3):
+            result = await asyncio.wait_for(client.generate(prompt_ids=prompt, max_new_tokens=40), 60)
+            assert result.token_ids == expected
+
+
+async def test_stream_yields_the_same_tokens(deployment, tiny_model):
+    prompt = [7, 8, 9]
+    async with await connect(deployment) as client:
+        streamed = [t async for t in client.stream(prompt_ids=prompt, max_new_tokens=16)]
+    assert streamed == hf_greedy(tiny_model, prompt, 16)
+
+
+async def test_text_prompt_and_chat(deployment, tiny_model):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    async with await connect(deployment) as client:
+        result = await asyncio.wait_for(client.generate(prompt="The quick brown fox", max_new_tokens=12), 60)
+        ids = tokenizer("The quick brown fox")["input_ids"]
+        assert result.token_ids == hf_greedy(tiny_model, ids, 12)
+        assert result.text == tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        chat = [{"role": "user", "content": "What is the capital of France?"}]
+        result = await asyncio.wait_for(client.generate(messages=chat, max_new_tokens=12), 60)
+        ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert result.token_ids == hf_greedy(tiny_model, list(ids), 12)
+
+
+async def test_seeded_sampling_is_reproducible(deployment):
+    prompt = [5, 6, 7, 8]
+    kwargs = dict(prompt_ids=prompt, max_new_tokens=30, temperature=1.0, top_k=50, top_p=0.9)
+    async with await connect(deployment) as client:
+        # concurrently, so the runs land on different pipelines and in different batches
+        a, b = await asyncio.wait_for(asyncio.gather(client.generate(seed=1234, **kwargs),
+                                                     client.generate(seed=1234, **kwargs)), 60)
+        others = await asyncio.wait_for(asyncio.gather(*(client.generate(seed=s, **kwargs) for s in range(3))), 60)
+    assert a.token_ids == b.token_ids
+    assert any(o.token_ids != a.token_ids for o in others)
+
+
+async def test_stop_token_ends_the_request(deployment, tiny_model):
+    prompt = [40, 41, 42]
+    expected = hf_greedy(tiny_model, prompt, 20)
+    stop = expected[5]
+    async with await connect(deployment) as client:
+        result = await asyncio.wait_for(client.generate(prompt_ids=prompt, max_new_tokens=20,
+                                                        stop_token_ids=[stop]), 60)
+    assert result.token_ids == expected[: expected.index(stop) + 1]
+    assert result.finish_reason in ("stop", "eos")
+
+
+async def no_cache_held(client: Client) -> bool:
+    status = await client.status()
+    return all(sum(p.cached_requests.values()) == 0 for p in status.pipelines) and \
+        all(p.in_flight == 0 for p in status.pipelines)
+
+
+async def test_cancel_frees_the_cache(deployment):
+    async with await connect(deployment) as client:
+        stream = client.stream(prompt_ids=[3, 4, 5, 6], max_new_tokens=400)
+        got = []
+        async for token in stream:
+            got.append(token)
+            if len(got) == 3:
+                break
+        await stream.aclose()
+        await wait_for(lambda: no_cache_held(client), timeout_s=20)
+
+
+async def test_deadline_fails_the_request_and_frees_the_cache(deployment):
+    async with await connect(deployment) as client:
+        with pytest.raises(GenerationError) as err:
+            await asyncio.wait_for(client.generate(prompt_ids=list(range(10, 60)), max_new_tokens=450,
+                                                   timeout_s=0.05), 30)
+        assert err.value.code == "timeout"
+        await wait_for(lambda: no_cache_held(client), timeout_s=20)
+
+
+@pytest.mark.parametrize("kwargs, code", [
+    (dict(prompt_ids=[5] * 500, max_new_tokens=100), "prompt_too_long"),
+    (dict(prompt_ids=[1, 2], max_new_tokens=4, temperature=-1.0), "invalid_request"),
+    (dict(prompt_ids=[1, 2], max_new_tokens=4, top_p=1.5), "invalid_request"),
+    (dict(prompt_ids=[1, 2], max_new_tokens=4, top_k=0), "invalid_request"),
+    (dict(prompt_ids=[1, 2], max_new_tokens=0), "invalid_request"),
+    (dict(prompt_ids=[], max_new_tokens=4), "invalid_request"),
+    (dict(prompt_ids=[1, 10**6], max_new_tokens=4), "invalid_request"),
+    (dict(prompt_ids=[1, 2], max_new_tokens=4, stop_token_ids=[-3]), "invalid_request"),
+])
+async def test_invalid_requests_get_clear_errors(deployment, kwargs, code):
+    async with await connect(deployment) as client:
+        with pytest.raises(GenerationError) as err:
+            await asyncio.wait_for(client.generate(**kwargs), 30)
+        assert err.value.code == code
+        assert str(err.value)
+        # and the broker still serves
+        result = await asyncio.wait_for(client.generate(prompt_ids=[1, 2, 3], max_new_tokens=2), 30)
+        assert len(result.token_ids) >= 1
