@@ -106,6 +106,9 @@ def _solve(cm: CostModel, group: Group, options: list[_Option], first_host: int,
     cheapest_layer = min((o.per_layer for o in options), default=0.0)
     cheapest_last = min((o.fixed_last for o in options), default=0.0)
     rest = [(L - l) * cheapest_layer + cheapest_last for l in range(L + 1)]
+    density: dict[int, float] = {}  # most layers one GPU of the slot can hold, at any TP degree
+    for o in options:
+        density[o.index] = max(density.get(o.index, 0.0), max(o.cap_mid, o.cap_last) / o.tp)
 
     def state(key: tuple) -> tuple[list[float], list]:
         if key not in states:
@@ -139,14 +142,19 @@ def _solve(cm: CostModel, group: Group, options: list[_Option], first_host: int,
         for key in buckets.get(free, []):
             remaining, last_host = key
             costs, _ = states[key]
-            live = [l for l in range(1, L) if costs[l] + rest[l] < best_cost]
+            usable = [o for o in options if o.tp <= remaining[o.index]]
+            if not usable:
+                continue
+            # Tighter bounds from the GPUs still free: the layers they can hold at most, and their cost.
+            room = sum(remaining[i] * d for i, d in density.items())
+            c_min = min(o.per_layer for o in usable)
+            f_min = min(o.fixed_last for o in usable)
+            live = [l for l in range(max(1, math.ceil(L - room - 1e-9)), L) if costs[l] + (L - l) * c_min + f_min < best_cost]
             if not live:
                 continue
             lowest, highest = live[0], live[-1]
             cheapest = min(costs[l] for l in live)
-            for opt in options:
-                if opt.tp > remaining[opt.index]:
-                    continue
+            for opt in usable:
                 h = hop(last_host, opt.host)
                 if opt.cap_last >= 1:  # this stage ends the pipeline
                     tail = opt.fixed_last + h + loop(opt.host)
