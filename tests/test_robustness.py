@@ -1,0 +1,134 @@
+"""What peers send cannot stop a process; a killed stage fails its pipeline's requests, not the others."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+
+import msgspec
+import pytest
+import torch
+import zmq
+
+from hexgen_zmq.client import Client, GenerationError
+from hexgen_zmq.messages import (HEADER_ENCODER, Feedback, GenerateRequest, Header, Heartbeat, MicroBatch,
+                                 SamplingParams, Segment, Submit, TensorMeta, TokenRecord, Tokens, encode_control)
+from hexgen_zmq.wire import encode
+from tests.support import hf_greedy, start_local
+
+LAYOUT = [[(0, 2, 1), (2, 6, 1)], [(0, 6, 1)]]
+
+
+@pytest.fixture(scope="module")
+def deployment(tiny_model, tmp_path_factory):
+    local = start_local(tmp_path_factory.mktemp("robust"), tiny_model, LAYOUT, request_timeout_s=60,
+                        stage_timeout_s=1.5)
+    try:
+        yield local
+    finally:
+        local.stop()
+
+
+def junk_messages(hidden: int) -> list[list[bytes]]:
+    rng = random.Random(1)
+    batch = MicroBatch(1, [Segment(999, 0, 2, True)])
+    good_header = HEADER_ENCODER.encode(Header(1, batch, [TensorMeta("float32", [2, hidden])]))
+    return [
+        [bytes(rng.randrange(256) for _ in range(n))] for n in (0, 1, 7, 100, 5000)
+    ] + [
+        [good_header[:5]],  # truncated header
+        [good_header],  # tensor frame missing
+        [good_header, b"\x00" * 12],  # tensor too short
+        [good_header, b"\x00" * (8 * hidden), b"extra"],  # too many frames
+        [bytes(f) for f in encode(batch, [torch.zeros(2, hidden)])],  # unknown request
+        [bytes(f) for f in encode(MicroBatch(1, [Segment(5, 0, 3, True)]), [torch.zeros(2, hidden)])],  # lying size
+        [bytes(f) for f in encode(batch, [torch.zeros(2, hidden + 1)])],  # wrong width
+        [bytes(f) for f in encode(batch, [torch.zeros(2, hidden, dtype=torch.int64)])],  # wrong dtype
+        [bytes(f) for f in encode(MicroBatch(1, [], release=[12345]), [torch.zeros(0)])],
+        [msgspec.msgpack.encode([1, ["Submit", 1, "not a list", []], []])],
+        encode_control(Submit(77, [], SamplingParams())),  # empty prompt
+        encode_control(Submit(78, [10**9], SamplingParams())),  # token outside the vocabulary
+        encode_control(Feedback(424242, [TokenRecord(1, 3)])),
+        encode_control(Tokens("p0", [TokenRecord(31337, 5, True)])),
+        encode_control(Heartbeat("nobody")),
+    ]
+
+
+async def assert_still_serving(deployment, tiny_model):
+    prompts = [[9, 8, 7], [1, 2, 3, 4, 5, 6], [100]]
+    async with await Client.connect(deployment.address) as client:
+        results = await asyncio.wait_for(
+            asyncio.gather(*(client.generate(prompt_ids=p, max_new_tokens=12) for p in prompts * 2)), 60)
+    for prompt, result in zip(prompts * 2, results):
+        assert result.token_ids == hf_greedy(tiny_model, prompt, 12)
+    assert {r.pipeline for r in results} == {"p0", "p1"}
+
+
+async def test_garbage_to_stages_and_broker_leaves_them_serving(deployment, tiny_model):
+    from hexgen_zmq.model_info import read_model_info
+
+    hidden = read_model_info(tiny_model).hidden_size
+    spec = deployment.deployment
+    targets = [s.inbound for p in spec.pipelines for s in p.stages] + [spec.broker.results]
+    ctx = zmq.Context()
+    try:
+        for target in targets:
+            push = ctx.socket(zmq.PUSH)
+            push.setsockopt(zmq.LINGER, 2000)
+            push.connect(target)
+            for frames in junk_messages(hidden):
+                push.send_multipart(frames)
+            push.close()
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 2000)
+        dealer.connect(spec.broker.clients)
+        for frames in junk_messages(hidden):
+            dealer.send_multipart(frames)
+        dealer.send_multipart(encode_control(GenerateRequest(1, SamplingParams(max_new_tokens=-4), prompt_ids=[1])))
+        assert dealer.poll(10000), "the broker answers an invalid request with an error"
+        dealer.close()
+    finally:
+        ctx.term()
+    time.sleep(1.0)
+    assert deployment.dead() is None
+    await assert_still_serving(deployment, tiny_model)
+
+
+def long_prompts(tiny_model, n_tokens: int, count: int) -> list[list[int]]:
+    """Prompts whose greedy continuation does not hit EOS within n_tokens (so requests stay in flight)."""
+    found = []
+    for seed in range(50):
+        prompt = [random.Random(seed).randrange(3, 490) for _ in range(6)]
+        if len(hf_greedy(tiny_model, prompt, n_tokens)) == n_tokens:
+            found.append(prompt)
+            if len(found) == count:
+                return found
+    pytest.skip("no long-running prompt found for this checkpoint")
+
+
+async def test_killed_stage_fails_its_requests_and_the_other_pipeline_serves(deployment, tiny_model):
+    prompts = long_prompts(tiny_model, 300, 2)
+    async with await Client.connect(deployment.address) as client:
+        streams = [client.stream(prompt_ids=p, max_new_tokens=300, timeout_s=60) for p in prompts]
+        firsts = [await asyncio.wait_for(s.__anext__(), 30) for s in streams]  # both in flight, one per pipeline
+        assert len(firsts) == 2
+        os.kill(deployment.pid("p0s1:0"), signal.SIGKILL)
+        killed_at = time.monotonic()
+
+        async def drain(stream):
+            return [t async for t in stream]
+
+        outcomes = await asyncio.wait_for(asyncio.gather(*(drain(s) for s in streams), return_exceptions=True), 50)
+        failed = [o for o in outcomes if isinstance(o, GenerationError)]
+        finished = [o for o in outcomes if isinstance(o, list)]
+        assert len(failed) == 1 and len(finished) == 1, outcomes
+        assert failed[0].code == "stage_failed" and "p0s1" in str(failed[0])
+        assert time.monotonic() - killed_at < 20, "failed well before the 60 s deadline"
+        # the other pipeline goes on serving, including new requests
+        result = await asyncio.wait_for(client.generate(prompt_ids=[4, 5, 6], max_new_tokens=10), 30)
+        assert result.token_ids == hf_greedy(tiny_model, [4, 5, 6], 10) and result.pipeline == "p1"
+        status = await client.status()
+        assert [p.healthy for p in status.pipelines] == [False, True]
