@@ -46,6 +46,9 @@ MESSAGE_HEADER_BYTES = 256
 # --- workload defaults ----------------------------------------------------------------------------------------
 # Requests a pipeline runs at once (the continuous batch); sizes the KV cache the planner reserves.
 DEFAULT_MAX_BATCH = 16
+# A pipeline whose memory holds the KV cache of more requests than the planned batch runs more at once,
+# up to this many.
+BATCH_CEILING = 64
 # Target share of requests that meet their deadline, for the report's "highest sustainable rate".
 DEFAULT_TARGET_ATTAINMENT = 0.99
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}

@@ -110,13 +110,14 @@ class CostModel:
         return self.cluster.link(host_last, host_first).transfer(batch * C.TOKEN_ID_BYTES)
 
     # --- memory ---------------------------------------------------------------------------------------------
-    def layer_bytes(self, tp: int) -> float:
-        """Per-rank memory of one layer: weight shard plus the KV cache of the planned batch."""
+    def layer_bytes(self, tp: int, batch: int | None = None) -> float:
+        """Per-rank memory of one layer: weight shard plus the KV cache of `batch` requests (default: the
+        planned batch)."""
         m, w = self.model, self.workload
-        kv = w.max_batch * (w.prompt_len + w.output_len) * m.kv_elements_per_token_layer(tp)
+        kv = (batch or w.max_batch) * (w.prompt_len + w.output_len) * m.kv_elements_per_token_layer(tp)
         return (m.layer_params / tp + kv) * w.dtype_bytes
 
-    def fixed_bytes(self, tp: int, first: bool, last: bool) -> float:
+    def fixed_bytes(self, tp: int, first: bool, last: bool, batch: int | None = None) -> float:
         """Per-rank memory that does not grow with layers: workspace, activations, embeddings, head."""
         m, w = self.model, self.workload
         b = w.dtype_bytes
@@ -125,12 +126,14 @@ class CostModel:
             total += m.embedding_params * b
         if last:
             total += m.head_params * b / (tp if C.LM_HEAD_SHARDED else 1)
-            total += w.max_batch * m.vocab_size * 4  # float32 logits of one step
+            total += (batch or w.max_batch) * m.vocab_size * 4  # float32 logits of one step
         return total
 
-    def stage_memory(self, gpu: GpuSpec, tp: int, layers: int, first: bool, last: bool) -> float:
-        """Bytes one rank of this stage needs."""
-        return self.fixed_bytes(tp, first, last) + layers * self.layer_bytes(tp)
+    def stage_memory(
+        self, gpu: GpuSpec, tp: int, layers: int, first: bool, last: bool, batch: int | None = None
+    ) -> float:
+        """Bytes one rank of this stage needs with `batch` requests in flight (default: the planned batch)."""
+        return self.fixed_bytes(tp, first, last, batch) + layers * self.layer_bytes(tp, batch)
 
     def usable_bytes(self, gpu: GpuSpec) -> float:
         return gpu.memory_bytes * C.MEMORY_UTILISATION

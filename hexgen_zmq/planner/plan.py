@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from hexgen_zmq.planner import constants as C
 from hexgen_zmq.planner.costmodel import CostModel
 
 Group = tuple[tuple[int, int], ...]
@@ -90,6 +91,24 @@ class Timing:
         return b / (b * self.prefill_busy + max(output_len - 1, 0) * self.step_times[b])
 
 
+def pipeline_batch(cm: CostModel, pipeline: Pipeline) -> int:
+    """Requests the pipeline runs at once: the planned batch, or more (up to BATCH_CEILING) when every stage's
+    memory holds their KV cache."""
+    slots, stages = cm.cluster.slots, pipeline.stages
+    n = len(stages)
+
+    def fits(b: int) -> bool:
+        return all(
+            cm.stage_memory(slots[st.slot].gpu, st.tp, st.layers, i == 0, i == n - 1, b) <= cm.usable_bytes(slots[st.slot].gpu)
+            for i, st in enumerate(stages)
+        )
+
+    batch = cm.workload.max_batch
+    while batch < max(C.BATCH_CEILING, cm.workload.max_batch) and fits(batch + 1):
+        batch += 1
+    return batch
+
+
 def pipeline_timing(cm: CostModel, pipeline: Pipeline) -> Timing:
     """Prefill latency and decode step time for every batch size. With b requests in flight over S stages
     the runtime keeps m = min(S, b) micro-batches circulating; a step takes the longer of one micro-batch's
@@ -102,10 +121,11 @@ def pipeline_timing(cm: CostModel, pipeline: Pipeline) -> Timing:
         st = stages[i]
         return cm.stage_time(slots[st.slot].gpu, st.tp, st.layers, i == n - 1, tokens, decode)
 
+    batch = pipeline_batch(cm, pipeline)
     prefill_compute = sum(stage_t(i, w.prompt_len, False) for i in range(n))
     prefill_hops = sum(cm.hop(hosts[i - 1], hosts[i], w.prompt_len) for i in range(1, n))
     steps = [0.0]
-    for b in range(1, w.max_batch + 1):
+    for b in range(1, batch + 1):
         m = min(n, b)
         u = math.ceil(b / m)
         compute = [stage_t(i, u, True) for i in range(n)]

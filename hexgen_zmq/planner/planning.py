@@ -42,7 +42,8 @@ class PlacedPipeline:
     stages: tuple[PlacedStage, ...]
     prefill_latency: float
     per_token_latency: float  # one request alone
-    per_token_latency_full: float  # with the planned batch in flight
+    per_token_latency_full: float  # with a full batch in flight
+    batch: int  # requests in flight at most (KV cache reserved for them)
     capacity: float  # requests per second
 
 
@@ -85,7 +86,7 @@ def place(cm: CostModel, evaluator: Evaluator, pipelines: tuple[Pipeline, ...]) 
                     gpu=slot.gpu.name,
                     devices=devices,
                     layers=(st.start, st.end),
-                    memory_gib=cm.stage_memory(slot.gpu, st.tp, st.layers, first, last) / C.GIB,
+                    memory_gib=cm.stage_memory(slot.gpu, st.tp, st.layers, first, last, timing.max_batch) / C.GIB,
                     memory_capacity_gib=slot.gpu.memory_gib,
                     prefill_s=cm.stage_time(slot.gpu, st.tp, st.layers, last, w.prompt_len, False),
                     decode_s=cm.stage_time(slot.gpu, st.tp, st.layers, last, 1, True),
@@ -98,6 +99,7 @@ def place(cm: CostModel, evaluator: Evaluator, pipelines: tuple[Pipeline, ...]) 
                 prefill_latency=timing.prefill_latency,
                 per_token_latency=timing.step_times[1],
                 per_token_latency_full=timing.step_times[-1],
+                batch=timing.max_batch,
                 capacity=timing.capacity(w.output_len),
             )
         )

@@ -47,6 +47,7 @@ def report_dict(outcome: PlanOutcome) -> dict[str, Any]:
                 "per_token_latency_s": p.per_token_latency,
                 "per_token_latency_full_batch_s": p.per_token_latency_full,
                 "throughput_rps": p.capacity,
+                "batch": p.batch,
                 "stages": [
                     {
                         "id": st.id,
