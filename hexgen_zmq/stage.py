@@ -170,9 +170,10 @@ class StageLeader:
             return
         except Exception as exc:
             self.log.exception("step failed")
+            if self.tp is not None:  # a broken TP group cannot go on: the process exits and the broker is told
+                self.reject(f"tensor-parallel group lost a rank ({exc})", ids)
+                raise
             self.reject(f"step failed: {exc}", ids)
-            if self.tp is not None:
-                raise  # a broken TP group cannot go on; the process exits and the broker is told
             return
         self.last_step = time.monotonic()
         if not self.last:
