@@ -33,7 +33,7 @@ def random_search(evaluator: Evaluator, seed: int, time_budget: float) -> Search
         if candidate.score.key > best.score.key:
             best = candidate
             trace.append((time.perf_counter() - start, best))
-    return SearchResult(best, evaluator.evaluations, samples, time.perf_counter() - start, trace)
+    return SearchResult(best, evaluator.evaluations, samples, time.perf_counter() - start, trace, "time budget")
 
 
 @lru_cache(maxsize=None)

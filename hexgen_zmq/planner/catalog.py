@@ -1,8 +1,10 @@
 """The built-in GPU catalog: datasheet memory, dense fp16 tensor throughput and memory bandwidth.
 
-Values are vendor datasheet figures without structured sparsity. For GeForce cards the fp16 tensor figure
-is the one with fp16 accumulation, as served models run. A cluster file may override any entry or add new
-ones under its `gpus:` key.
+Values are vendor datasheet figures without structured sparsity. The fp16 tensor figure is the one with
+fp32 accumulation, as served models run (PyTorch's fp16 GEMMs and flash attention accumulate in fp32). Data-
+centre and workstation cards run that at full rate; GeForce cards at half their fp16-accumulate figure
+(NVIDIA GA102 and AD102 whitepapers: RTX 3090 71 vs 142, RTX 3090 Ti 80 vs 160, RTX 4090 165 vs 330).
+A cluster file may override any entry or add new ones under its `gpus:` key.
 """
 
 from __future__ import annotations
@@ -51,9 +53,9 @@ CATALOG: dict[str, GpuSpec] = dict(
         _spec("A6000", 48, 154.8, 768),
         _spec("A5000", 24, 111.1, 768),
         _spec("A4000", 16, 76.7, 448),
-        _spec("RTX3090", 24, 142.0, 936),
-        _spec("RTX3090Ti", 24, 160.0, 1008),
-        _spec("RTX4090", 24, 330.3, 1008),
+        _spec("RTX3090", 24, 71.0, 936),
+        _spec("RTX3090Ti", 24, 80.0, 1008),
+        _spec("RTX4090", 24, 165.2, 1008),
         _spec("T4", 16, 65.0, 320),
         _spec("V100", 32, 125.0, 900),  # SXM2 32 GB
         _spec("V100-16GB", 16, 125.0, 900),

@@ -34,9 +34,13 @@ ACTIVATION_HIDDEN_MULTIPLE = 8
 # lists every such pair).
 DEFAULT_WAN_GBPS = 1.0
 DEFAULT_WAN_LATENCY_MS = 50.0
-DEFAULT_INTRA_HOST = (100.0, 0.01)  # (gbps, latency_ms): PCIe/NVLink inside a host
+# (gbps, latency_ms) inside a host: PCIe 4.0 x16, 31.5 GB/s per direction (252 Gbit/s) nominal; 10 us per
+# message or ring step (NCCL's small-message latency over PCIe is some tens of us for a whole ring).
+DEFAULT_INTRA_HOST = (252.0, 0.01)
 DEFAULT_INTRA_REGION = (10.0, 0.1)  # (gbps, latency_ms): the datacenter's Ethernet
-# Share of a link's nominal bandwidth a TCP stream reaches.
+# Share of a link's nominal bandwidth a TCP stream (pipeline hops) or an NCCL ring (TP all-reduces) reaches:
+# NCCL's all-reduce bus bandwidth on 8 x A100 NVLink is about 230-240 of 300 GB/s; PCIe 4.0 P2P rings reach
+# 20-25 of 31.5 GB/s (nccl-tests figures as commonly reported; an assumption, not measured here).
 LINK_EFFICIENCY = 0.8
 # Bytes of one sampled token id travelling from the last stage back to the first.
 TOKEN_ID_BYTES = 8
@@ -44,11 +48,17 @@ TOKEN_ID_BYTES = 8
 MESSAGE_HEADER_BYTES = 256
 
 # --- workload defaults ----------------------------------------------------------------------------------------
-# Requests a pipeline runs at once (the continuous batch); sizes the KV cache the planner reserves.
+# Requests a pipeline must be able to run at once (the continuous batch): the DP reserves their KV cache
+# and optimises the latency at this batch. A floor only: the simulated batch is set by memory (below).
 DEFAULT_MAX_BATCH = 16
-# A pipeline whose memory holds the KV cache of more requests than the planned batch runs more at once,
-# up to this many.
-BATCH_CEILING = 64
+# The runtime admits requests as long as every stage's KV budget holds their whole life
+# (hexgen_zmq/scheduler.py), with no count limit; the planner likewise runs as many as memory holds. This
+# ceiling only bounds the planner's work: one micro-batch carries at most STEP_TOKEN_BUDGET tokens, so
+# beyond it a one-stage pipeline could not put every request in one step anyway.
+BATCH_CEILING = 1024
+# Tokens one micro-batch carries at most (the runtime's StageSpec.max_batch_tokens default in
+# hexgen_zmq/deployment.py): decode tokens first, then prompt chunks fill what is left (chunked prefill).
+STEP_TOKEN_BUDGET = 1024
 # Target share of requests that meet their deadline, for the report's "highest sustainable rate".
 DEFAULT_TARGET_ATTAINMENT = 0.99
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -73,6 +83,10 @@ SAME_REGION_BIAS = 0.8
 DEFAULT_TIME_BUDGET_S = 30.0
 # Stop early when the best plan has not changed for this many generations.
 STAGNATION_GENERATIONS = 60
+# Stop after this many generations at most, so that a run with the default settings ends on a count, not on
+# the clock, and the same seed gives the same plan (the 58-GPU cluster stagnates after about 60-150
+# generations, a few seconds on one core; see tools/bench_planner.py).
+MAX_GENERATIONS = 400
 DEFAULT_SEED = 0
 # The prototype baseline enumerates TP splits per host; a group with more combinations is cut off here.
 PROTOTYPE_MAX_COMBINATIONS = 4096

@@ -2,6 +2,8 @@
 
 Compute is a roofline: a layer takes the longer of its FLOPs at the GPU's tensor peak and its bytes read
 (weights, KV cache) at its memory bandwidth, each scaled by an efficiency factor, plus a fixed overhead.
+A step may mix decode tokens with a chunk of a prompt (the runtime's chunked prefill): the weights are read
+once for all of them, so a chunk that rides along a memory-bound decode step costs only its extra FLOPs.
 TP adds two ring all-reduces per layer over the intra-host link (TP groups never leave a host). A
 pipeline hop moves the activations of a micro-batch over the link between the two stages' hosts.
 All constants come from `constants`.
@@ -56,7 +58,7 @@ class CostModel:
         self.model = model
         self.workload = workload
         self.tp_degrees = [tp for tp in (1, 2, 4, 8, 16, 32, 64) if model.valid_tp(tp)]
-        self.layer_time = lru_cache(maxsize=None)(self._layer_time)
+        self.mixed_layer_time = lru_cache(maxsize=None)(self._mixed_layer_time)
         self.head_time = lru_cache(maxsize=None)(self._head_time)
 
     # --- time ---------------------------------------------------------------------------------------------
@@ -69,17 +71,23 @@ class CostModel:
             return 0.0
         return 2 * (tp - 1) * (link.latency + nbytes / tp / link.bandwidth)
 
-    def _layer_time(self, gpu: GpuSpec, tp: int, tokens: int, decode: bool) -> float:
+    def layer_time(self, gpu: GpuSpec, tp: int, tokens: int, decode: bool) -> float:
         """One decoder layer on one TP rank: `tokens` query tokens of a decode batch or of one prompt."""
+        return self.mixed_layer_time(gpu, tp, tokens, 0) if decode else self.mixed_layer_time(gpu, tp, 0, tokens)
+
+    def _mixed_layer_time(self, gpu: GpuSpec, tp: int, decode_tokens: int, prompt_tokens: int) -> float:
+        """One decoder layer on one TP rank for one step: `decode_tokens` requests decoding one token each
+        (attending to the mean context) and `prompt_tokens` positions of prompts (causal: a prompt position
+        attends on average to half the prompt). The weights are read once for the whole step."""
         m, w = self.model, self.workload
         b = w.dtype_bytes
-        if decode:
-            context = w.mean_context
-            kv_bytes = tokens * context * m.kv_elements_per_token_layer(tp) * b
-        else:
-            context = (tokens + 1) / 2  # causal: query i attends to i keys
-            kv_bytes = 2 * tokens * m.kv_elements_per_token_layer(tp) * b  # written once, read once
-        flops = tokens * (m.layer_matmul_flops_per_token() + m.attention_flops_per_token(context)) / tp
+        kv = m.kv_elements_per_token_layer(tp) * b
+        tokens = decode_tokens + prompt_tokens
+        flops = (
+            decode_tokens * (m.layer_matmul_flops_per_token() + m.attention_flops_per_token(w.mean_context))
+            + prompt_tokens * (m.layer_matmul_flops_per_token() + m.attention_flops_per_token((w.prompt_len + 1) / 2))
+        ) / tp
+        kv_bytes = decode_tokens * w.mean_context * kv + 2 * prompt_tokens * kv  # prompt KV: written, read once
         nbytes = m.layer_params * b / tp + kv_bytes + 4 * tokens * m.hidden_size * b
         reduce = 2 * self.allreduce(tp, tokens * m.hidden_size * b, self.cluster.intra_host)
         return self._roofline(gpu, flops, nbytes) + C.LAYER_OVERHEAD_S + reduce
@@ -93,9 +101,18 @@ class CostModel:
 
     def stage_time(self, gpu: GpuSpec, tp: int, layers: int, last: bool, tokens: int, decode: bool) -> float:
         """One step of a stage: its layers, the head if last, and the per-step message overhead."""
-        t = layers * self.layer_time(gpu, tp, tokens, decode) + C.STAGE_STEP_OVERHEAD_S
+        if decode:
+            return self.mixed_stage_time(gpu, tp, layers, last, tokens, 0)
+        return self.mixed_stage_time(gpu, tp, layers, last, 0, tokens)
+
+    def mixed_stage_time(
+        self, gpu: GpuSpec, tp: int, layers: int, last: bool, decode_tokens: int, prompt_tokens: int
+    ) -> float:
+        """One step of a stage over `decode_tokens` decode tokens plus a `prompt_tokens` chunk of one prompt
+        (the head samples every decode token and, at most, the prompt's last position)."""
+        t = layers * self.mixed_layer_time(gpu, tp, decode_tokens, prompt_tokens) + C.STAGE_STEP_OVERHEAD_S
         if last:
-            t += self.head_time(gpu, tp, tokens if decode else 1)
+            t += self.head_time(gpu, tp, decode_tokens + (1 if prompt_tokens else 0))
         return t
 
     def hop(self, host_a: int, host_b: int, tokens: int) -> float:

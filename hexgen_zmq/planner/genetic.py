@@ -5,7 +5,8 @@ best pipeline, and the fitness is the plan's SLO attainment in the simulation. T
 from network-aware clustering (regions, hosts, memory-sized host sets); mutations merge two groups, split
 one, or swap GPUs between two; crossover keeps some groups of one parent, fills in from the other and
 repairs what is left per host. The best genomes survive unchanged (elitism). Runs are repeatable for a seed
-when they stop on the generation limit or on stagnation rather than on the clock.
+when they stop on the generation limit or on stagnation rather than on the clock; the default settings do
+(MAX_GENERATIONS bounds a run well inside the default time budget), and the result says why it stopped.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ class SearchResult:
     generations: int
     elapsed: float
     trace: list[tuple[float, Evaluated]] = field(default_factory=list)  # (seconds, best so far) on each gain
+    # Why the search ended: "stagnation" or "generations" (repeatable for a seed), or "time budget" (not:
+    # where the clock cuts a run depends on the machine).
+    stop_reason: str = "generations"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +40,7 @@ class GaSettings:
     tournament: int = C.TOURNAMENT_SIZE
     crossover_rate: float = C.CROSSOVER_RATE
     stagnation: int = C.STAGNATION_GENERATIONS
-    max_generations: int | None = None
+    max_generations: int | None = C.MAX_GENERATIONS  # None: only stagnation or the clock stop the search
 
 
 class _Operators:
@@ -216,10 +220,13 @@ def genetic_search(
     def pick() -> Evaluated:
         return max(rng.sample(population, min(settings.tournament, len(population))), key=lambda e: e.score.key)
 
+    stop_reason = "time budget"
     while time.perf_counter() - start < time_budget:
         if settings.max_generations is not None and generations >= settings.max_generations:
+            stop_reason = "generations"
             break
         if stale >= settings.stagnation:
+            stop_reason = "stagnation"
             break
         ranked = sorted(population, key=lambda e: e.score.key, reverse=True)
         children = _distinct(ranked, settings.elite)
@@ -239,7 +246,8 @@ def genetic_search(
             trace.append((time.perf_counter() - start, best))
         else:
             stale += 1
-    return SearchResult(best, evaluator.evaluations, generations, time.perf_counter() - start, trace)
+    elapsed = time.perf_counter() - start
+    return SearchResult(best, evaluator.evaluations, generations, elapsed, trace, stop_reason)
 
 
 def _distinct(ranked: list[Evaluated], count: int) -> list[Evaluated]:

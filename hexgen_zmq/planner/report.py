@@ -36,6 +36,8 @@ def report_dict(outcome: PlanOutcome) -> dict[str, Any]:
             "seconds": s.elapsed,
             "evaluations": s.evaluations,
             "generations": s.generations,
+            "stop_reason": s.stop_reason,  # stagnation | generations: repeatable for the seed; time budget: not
+            "repeatable": s.stop_reason != "time budget",
             "trace": [{"seconds": t, "attainment": e.score.attainment, "capacity_rps": e.score.capacity} for t, e in s.trace],
         },
         "gpus": {"used": outcome.used_gpus, "total": outcome.cluster.total_gpus},
@@ -104,7 +106,7 @@ def print_report(outcome: PlanOutcome, console: Console | None = None) -> None:
         f"{target} holds up to {outcome.max_rate:.2f} req/s; the lowest deadline {target} meet at {w.rate:g} req/s "
         f"is {outcome.min_deadline:.2f} s.\n"
         f"{outcome.used_gpus} of {outcome.cluster.total_gpus} GPUs in {len(outcome.pipelines)} pipelines; "
-        f"search {s.elapsed:.1f} s, {s.evaluations} plans, {s.generations} generations."
+        f"search {s.elapsed:.1f} s, {s.evaluations} plans, {s.generations} generations, stopped by {s.stop_reason}."
     )
     for a, b in outcome.cluster.assumed_links:
         console.print(f"[yellow]no link given between {a} and {b}: assumed the default WAN link[/yellow]")

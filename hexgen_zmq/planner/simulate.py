@@ -3,8 +3,9 @@
 Each request goes, on arrival, to the least-loaded pipeline (requests in flight relative to the pipeline's
 capacity). A pipeline runs up to `max_batch` requests at once (continuous batching) and queues the rest.
 Between events its batch is constant, so decoding advances as a fluid: every request in flight gains one
-token per `step_times[b]` seconds. Admitting a request stalls decoding for the prefill's compute time; the
-request's first token also pays the prefill's network hops. One arrival trace (unit-rate gaps from a seed)
+token per `step_times[b]` seconds. Admitting a request lengthens decoding by its prompt's marginal cost
+(`Timing.busy`: with chunked prefill the prompt's chunks share steps, and weight reads, with the decode
+tokens; alone, the prefill's compute time); the request's first token also pays the prefill's network hops. One arrival trace (unit-rate gaps from a seed)
 is scaled by 1/rate, so every plan and every rate sees the same requests.
 """
 
@@ -61,7 +62,7 @@ class _Pipe:
         return (len(self.active) + len(self.queue) + 1) / self.capacity
 
     def admit(self, request: int, now: float) -> None:
-        self.pause_until = max(self.pause_until, now) + self.t.prefill_busy
+        self.pause_until = max(self.pause_until, now) + self.t.busy(len(self.active))
         heapq.heappush(self.active, (self.v + self.steps, request))
 
     def advance(self, until: float, arrivals: list[float], done: list[float]) -> None:
