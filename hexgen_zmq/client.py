@@ -62,9 +62,9 @@ class _Open:
 
 
 def _request(client_request_id: int, prompt_ids, prompt, messages, max_new_tokens, temperature, top_k, top_p, seed,
-             stop_token_ids, timeout_s) -> GenerateRequest:
+             stop_token_ids, timeout_s, ignore_eos) -> GenerateRequest:
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k, top_p=top_p,
-                            seed=seed, stop_token_ids=list(stop_token_ids or []))
+                            seed=seed, stop_token_ids=list(stop_token_ids or []), ignore_eos=ignore_eos)
     chat = None
     if messages is not None:
         chat = [m if isinstance(m, ChatMessage) else ChatMessage(m["role"], m["content"]) for m in messages]
@@ -159,10 +159,10 @@ class Client:
     async def stream(self, prompt_ids: list[int] | None = None, prompt: str | None = None, *, messages=None,
                      max_new_tokens: int = 16, temperature: float = 0.0, top_k: int | None = None,
                      top_p: float | None = None, seed: int | None = None, stop_token_ids: list[int] | None = None,
-                     timeout_s: float | None = None) -> AsyncIterator[int]:
+                     timeout_s: float | None = None, ignore_eos: bool = False) -> AsyncIterator[int]:
         """Yield each new token id as the pipeline produces it."""
         request = _request(next(self._ids), prompt_ids, prompt, messages, max_new_tokens, temperature, top_k, top_p,
-                           seed, stop_token_ids, timeout_s)
+                           seed, stop_token_ids, timeout_s, ignore_eos)
         events = self._events(request)
         try:
             async for event in events:
@@ -174,10 +174,10 @@ class Client:
     async def generate(self, prompt_ids: list[int] | None = None, prompt: str | None = None, *, messages=None,
                        max_new_tokens: int = 16, temperature: float = 0.0, top_k: int | None = None,
                        top_p: float | None = None, seed: int | None = None, stop_token_ids: list[int] | None = None,
-                       timeout_s: float | None = None) -> GenerationResult:
+                       timeout_s: float | None = None, ignore_eos: bool = False) -> GenerationResult:
         """Run a request to the end and return its tokens, text and timings."""
         request = _request(next(self._ids), prompt_ids, prompt, messages, max_new_tokens, temperature, top_k, top_p,
-                           seed, stop_token_ids, timeout_s)
+                           seed, stop_token_ids, timeout_s, ignore_eos)
         start = time.perf_counter()
         ttft = None
         tokens: list[int] = []

@@ -75,6 +75,16 @@ class StageSpec(Struct, frozen=True):
 class PipelineSpec(Struct, frozen=True):
     id: str
     stages: list[StageSpec]
+    # How many micro-batches the running requests are split into. Default: one per stage when the stages
+    # have devices of their own (GPUs, or CPU stages on different hosts), one in all when they share cores.
+    micro_batches: PositiveInt | None = None
+
+    def default_micro_batches(self) -> int:
+        if self.micro_batches:
+            return self.micro_batches
+        if any(rank.device.startswith("cuda") for stage in self.stages for rank in stage.ranks):
+            return len(self.stages)
+        return len({stage.ranks[0].host for stage in self.stages})
 
 
 class Deployment(Struct, frozen=True):

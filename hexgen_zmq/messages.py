@@ -37,6 +37,7 @@ class SamplingParams(msgspec.Struct, frozen=True, array_like=True, omit_defaults
     top_p: float | None = None
     seed: int | None = None
     stop_token_ids: list[int] = []
+    ignore_eos: bool = False  # run to max_new_tokens whatever comes (benchmarks)
 
     def validate(self, vocab_size: int) -> None:
         """Raise ValueError naming the parameter that is out of range."""

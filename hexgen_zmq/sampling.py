@@ -31,7 +31,8 @@ class RequestSampler:
             generator = torch.Generator()
             seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
             generator.manual_seed(seed)
-        return cls(params, frozenset(params.stop_token_ids), frozenset(eos_ids), limit, generator=generator)
+        eos = frozenset() if params.ignore_eos else frozenset(eos_ids)
+        return cls(params, frozenset(params.stop_token_ids), eos, limit, generator=generator)
 
     def draw(self, logits: torch.Tensor) -> int:
         """One token from float32 logits [vocab] with temperature / top-k / top-p."""

@@ -5,6 +5,11 @@ of running requests whose last token came back, prompt chunks of new ones), with
 and keeps up to `depth` micro-batches in flight so that every stage of the pipeline has one to work on.
 Requests join and leave between steps. A request is admitted into the KV cache only when the pipeline's
 budget can hold its whole life (prompt + max_new_tokens); the others wait in FIFO order.
+
+How finely the running requests are split is `micro_batches`: with stages on their own devices, one
+micro-batch per stage keeps them all busy; with stages sharing a host's cores, fewer and larger
+micro-batches read the weights fewer times per token. While micro-batches are in flight, a new one is
+formed only once it would hold its share (`running / micro_batches`), so split batches merge again.
 """
 
 from __future__ import annotations
@@ -39,11 +44,12 @@ class Request:
 
 class Scheduler:
     def __init__(self, capacity_blocks: int, block_size: int, max_batch_tokens: int, depth: int,
-                 clock=time.monotonic):
+                 micro_batches: int | None = None, clock=time.monotonic):
         self.own_capacity_blocks = self.capacity_blocks = capacity_blocks
         self.block_size = block_size
         self.max_batch_tokens = max_batch_tokens
-        self.depth = max(1, depth)
+        self.depth = max(1, depth)  # micro-batches in flight at most
+        self.micro_batches = max(1, min(micro_batches or self.depth, self.depth))
         self.clock = clock
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}
@@ -129,7 +135,11 @@ class Scheduler:
         if len(self.in_flight) >= self.depth:
             return None
         self._admit_waiting()
-        cap = max(1, math.ceil(len(self.running) / self.depth))
+        cap = max(1, math.ceil(len(self.running) / self.micro_batches))
+        if self.in_flight and not self.pending_release:
+            ready = sum(1 for r in self.running.values() if not r.in_flight and (r.next_token is not None or r.prompt_left > 0))
+            if ready < cap:
+                return None  # wait for more of this batch's share to come back
         budget = self.max_batch_tokens
         segments: list[Segment] = []
         new: list[NewRequest] = []

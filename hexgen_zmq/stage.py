@@ -77,7 +77,8 @@ class StageLeader:
         self.scheduler = None
         if self.first:
             self.scheduler = Scheduler(worker.blocks.num_blocks, worker.blocks.block_size,
-                                       self.spec.max_batch_tokens, depth=len(self.pipeline.stages))
+                                       self.spec.max_batch_tokens, depth=len(self.pipeline.stages),
+                                       micro_batches=self.pipeline.default_micro_batches())
         self.queue: asyncio.Queue[tuple[MicroBatch, torch.Tensor]] = asyncio.Queue()
         self.wake = asyncio.Event()
         self.bad_messages = 0

@@ -88,3 +88,30 @@ def test_broker_budget_caps_admission():
     s.submit(Submit(2, [1, 2, 3], SamplingParams(max_new_tokens=29), [0], None, kv_budget_blocks=2))
     batch, _ = s.next_batch()
     assert [seg.request_id for seg in batch.segments] == [1] and len(s.waiting) == 1
+
+
+def test_one_micro_batch_waits_for_its_requests_and_merges_late_arrivals():
+    s = Scheduler(capacity_blocks=100, block_size=16, max_batch_tokens=64, depth=3, micro_batches=1)
+    s.submit(submit(1, 3, max_new=10))
+    s.submit(submit(2, 3, max_new=10))
+    a, _ = s.next_batch()
+    assert [seg.request_id for seg in a.segments] == [1, 2]
+    s.submit(submit(3, 3, max_new=10))  # arrives while the batch is in flight: waits to join it
+    assert s.next_batch() is None
+    s.feedback(Feedback(a.batch_id, [TokenRecord(1, 42), TokenRecord(2, 43)]))
+    b, tokens = s.next_batch()
+    assert [(seg.request_id, seg.n_tokens) for seg in b.segments] == [(1, 1), (2, 1), (3, 3)]
+    assert tokens == [42, 43, 1, 2, 3]
+
+
+def test_micro_batches_default_to_the_hardware():
+    from hexgen_zmq.deployment import parse_deployment
+    from tests.support import deployment_dict
+
+    data = deployment_dict("/m", [[(0, 2, 1), (2, 4, 1)]])
+    assert parse_deployment(data).pipelines[0].default_micro_batches() == 1  # stages share one host's cores
+    for i, stage in enumerate(data["pipelines"][0]["stages"]):
+        stage["ranks"][0]["device"] = f"cuda:{i}"
+    assert parse_deployment(data).pipelines[0].default_micro_batches() == 2  # a GPU per stage
+    data["pipelines"][0]["micro_batches"] = 1
+    assert parse_deployment(data).pipelines[0].default_micro_batches() == 1
