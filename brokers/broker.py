@@ -24,7 +24,7 @@ from hexgen_zmq.block_manager import BLOCK_SIZE, blocks_for
 from hexgen_zmq.deployment import Deployment, PipelineSpec, load_deployment
 from hexgen_zmq.messages import (BrokerReady, Cancel, CancelRequest, ErrorEvent, GenerateRequest, Heartbeat,
                                  PipelineStatus, Ping, StageFailed, StageReady, StatusReply, StatusRequest, Submit,
-                                 TokenEvent, Tokens, WireError, decode_control, encode_control)
+                                 TokenEvent, TokenEvents, Tokens, WireError, decode_control, encode_control)
 from hexgen_zmq.model_info import ModelInfo
 from hexgen_zmq.sockets import CONTROL_MAX_BYTES, make_socket
 
@@ -248,6 +248,8 @@ class Broker:
 
     # ------------------------------------------------------------------ results from stages
     def on_tokens(self, message: Tokens) -> None:
+        """Stream one step's tokens: one message per client, however many of its requests moved."""
+        by_client: dict[bytes, list[TokenEvent]] = {}
         for record in message.records:
             request = self.requests.get(record.request_id)
             if request is None or request.pipeline != message.pipeline_id:
@@ -262,9 +264,11 @@ class Broker:
                                    len(request.prompt), request.pipeline)
             else:
                 event = TokenEvent(request.client_request_id, [record.token])
-            self.to_client(request.client, event)
+            by_client.setdefault(request.client, []).append(event)
             if record.finished:
                 self.forget(record.request_id, cancel=False)
+        for client, events in by_client.items():
+            self.to_client(client, events[0] if len(events) == 1 else TokenEvents(events))
 
     def _seen(self, stage_id: str, capacity: int) -> None:
         pipeline = self.stage_pipeline.get(stage_id)

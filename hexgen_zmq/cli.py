@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "hexgen_zmq.planner.cli",
     "hexgen_zmq.model_fetch",
     "hexgen_zmq.demo",
+    "hexgen_zmq.bench",
 ]
 
 

@@ -25,7 +25,7 @@ import zmq
 import zmq.asyncio
 
 from hexgen_zmq.messages import (CancelRequest, ChatMessage, ErrorEvent, GenerateRequest, Ping, SamplingParams,
-                                 StatusReply, StatusRequest, TokenEvent, WireError, decode_control,
+                                 StatusReply, StatusRequest, TokenEvent, TokenEvents, WireError, decode_control,
                                  encode_control)
 from hexgen_zmq.sockets import CONTROL_MAX_BYTES, make_socket
 
@@ -118,10 +118,12 @@ class Client:
                 if self._status is not None and not self._status.done():
                     self._status.set_result(message)
                 continue
-            if isinstance(message, (TokenEvent, ErrorEvent)):
-                entry = self._open.get(message.client_request_id)
-                if entry is not None:
-                    entry.queue.put_nowait(message)
+            events = message.events if isinstance(message, TokenEvents) else (message,)
+            for event in events:
+                if isinstance(event, (TokenEvent, ErrorEvent)):
+                    entry = self._open.get(event.client_request_id)
+                    if entry is not None:
+                        entry.queue.put_nowait(event)
 
     async def _ping(self) -> None:
         while True:

@@ -197,6 +197,12 @@ class TokenEvent(Base, frozen=True):
     pipeline: str | None = None  # on the last event: the pipeline that served the request
 
 
+class TokenEvents(Base, frozen=True):
+    """Every token one step produced for one client's requests, in one message."""
+
+    events: list[TokenEvent]
+
+
 class ErrorEvent(Base, frozen=True):
     client_request_id: int
     code: str  # "invalid_request", "prompt_too_long", "no_pipeline", "busy", "timeout", "stage_failed", ...
@@ -219,7 +225,7 @@ class StatusReply(Base, frozen=True):
 
 Message = Union[
     Submit, Cancel, MicroBatch, Feedback, StageReady, Heartbeat, Tokens, StageFailed, BrokerReady,
-    GenerateRequest, CancelRequest, Ping, StatusRequest, TokenEvent, ErrorEvent, StatusReply,
+    GenerateRequest, CancelRequest, Ping, StatusRequest, TokenEvent, TokenEvents, ErrorEvent, StatusReply,
 ]
 
 

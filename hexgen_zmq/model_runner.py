@@ -65,39 +65,57 @@ class BatchLayout:
     first_layer: int = 0
 
 
-def build_layout(segments: list[Segment], blocks: BlockManager, device: torch.device) -> BatchLayout:
+class SlotIndex:
+    """The cache slot of every position of every request, as tensors rebuilt only when a request's block
+    table grows (once per block), so laying out a step costs a few tensor slices per request."""
+
+    def __init__(self, blocks: BlockManager, device: torch.device):
+        self.blocks = blocks
+        self.device = device
+        self.offsets = torch.arange(blocks.block_size, device=device)
+        self._slots: dict[int, torch.Tensor] = {}
+
+    def slots(self, request_id: int, end: int) -> torch.Tensor:
+        """Slots of positions [0, end) of the request (its table must cover them)."""
+        cached = self._slots.get(request_id)
+        if cached is None or cached.numel() < end:
+            table = torch.tensor(self.blocks.table(request_id), dtype=torch.long, device=self.device)
+            cached = (table.unsqueeze(1) * self.blocks.block_size + self.offsets).view(-1)
+            self._slots[request_id] = cached
+        return cached[:end]
+
+    def forget(self, request_id: int) -> None:
+        self._slots.pop(request_id, None)
+
+
+def build_layout(segments: list[Segment], index: SlotIndex, device: torch.device) -> BatchLayout:
     """Positions, cache slots and attention groups of a micro-batch (tables must already cover it)."""
-    bs = blocks.block_size
     positions: list[int] = []
-    write_slots: list[int] = []
+    write_slots: list[torch.Tensor] = []
     decode_rows: list[int] = []
-    decode_slots: list[list[int]] = []
+    decode_slots: list[torch.Tensor] = []
     prefills: list[PrefillChunk] = []
     sample_rows: list[int] = []
     row = 0
     for seg in segments:
-        table = blocks.table(seg.request_id)
         end = seg.start + seg.n_tokens
-        slots = [table[p // bs] * bs + p % bs for p in range(end)]
+        slots = index.slots(seg.request_id, end)
         positions.extend(range(seg.start, end))
-        write_slots.extend(slots[seg.start :])
+        write_slots.append(slots[seg.start :])
         if seg.n_tokens == 1:
             decode_rows.append(row)
             decode_slots.append(slots)
         elif seg.n_tokens > 1:
             mask = None
-            if seg.start > 0:
-                q_pos = torch.arange(seg.start, end).unsqueeze(1)
-                mask = torch.arange(end).unsqueeze(0) <= q_pos
-                mask = mask.to(device)
-            gather = torch.tensor(slots, dtype=torch.long, device=device)
-            prefills.append(PrefillChunk(slice(row, row + seg.n_tokens), gather, mask))
+            if seg.start > 0:  # a later chunk of a prompt: causal, offset by what is cached
+                mask = torch.arange(end, device=device).unsqueeze(0) <= torch.arange(seg.start, end, device=device).unsqueeze(1)
+            prefills.append(PrefillChunk(slice(row, row + seg.n_tokens), slots, mask))
         if seg.sample and seg.n_tokens:
             sample_rows.append(row + seg.n_tokens - 1)
         row += seg.n_tokens
     layout = BatchLayout(
         positions=torch.tensor([positions], dtype=torch.long, device=device),
-        write_slots=torch.tensor(write_slots, dtype=torch.long, device=device),
+        write_slots=torch.cat(write_slots) if write_slots else torch.empty(0, dtype=torch.long, device=device),
         decode_rows=None,
         decode_gather=None,
         decode_mask=None,
@@ -105,15 +123,11 @@ def build_layout(segments: list[Segment], blocks: BlockManager, device: torch.de
         sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
     )
     if decode_rows:
-        longest = max(len(s) for s in decode_slots)
-        gather = torch.zeros(len(decode_rows), longest, dtype=torch.long)
-        mask = torch.zeros(len(decode_rows), 1, 1, longest, dtype=torch.bool)
-        for i, slots in enumerate(decode_slots):
-            gather[i, : len(slots)] = torch.tensor(slots)
-            mask[i, :, :, : len(slots)] = True
+        lengths = torch.tensor([s.numel() for s in decode_slots], device=device)
         layout.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=device)
-        layout.decode_gather = gather.to(device)
-        layout.decode_mask = mask.to(device)
+        layout.decode_gather = torch.nn.utils.rnn.pad_sequence(decode_slots, batch_first=True)  # pads with slot 0
+        longest = layout.decode_gather.shape[1]
+        layout.decode_mask = (torch.arange(longest, device=device) < lengths.unsqueeze(1)).view(len(decode_rows), 1, 1, longest)
     return layout
 
 
@@ -130,14 +144,16 @@ def paged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)  # [T, H, D]
     if layout.decode_rows is not None:
         qd = q.index_select(1, layout.decode_rows).transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
-        kd = k_pool[layout.decode_gather].transpose(1, 2)  # [B, KV, L, D]
-        vd = v_pool[layout.decode_gather].transpose(1, 2)
+        b, length = layout.decode_gather.shape
+        flat = layout.decode_gather.view(-1)  # index_select is several times faster than advanced indexing
+        kd = k_pool.index_select(0, flat).view(b, length, *k_pool.shape[1:]).transpose(1, 2)  # [B, KV, L, D]
+        vd = v_pool.index_select(0, flat).view(b, length, *v_pool.shape[1:]).transpose(1, 2)
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=layout.decode_mask, scale=scaling, enable_gqa=True)
         out[layout.decode_rows] = od[:, :, 0, :]
     for chunk in layout.prefills:
         qp = q[:, chunk.rows].unsqueeze(0)  # [1, H, n, D]
-        kp = k_pool[chunk.gather].transpose(0, 1).unsqueeze(0)  # [1, KV, L, D]
-        vp = v_pool[chunk.gather].transpose(0, 1).unsqueeze(0)
+        kp = k_pool.index_select(0, chunk.gather).transpose(0, 1).unsqueeze(0)  # [1, KV, L, D]
+        vp = v_pool.index_select(0, chunk.gather).transpose(0, 1).unsqueeze(0)
         op = F.scaled_dot_product_attention(
             qp, kp, vp, attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=scaling, enable_gqa=True
         )

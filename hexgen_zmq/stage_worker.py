@@ -7,7 +7,7 @@ import torch
 
 from hexgen_zmq.block_manager import BlockManager, CacheFull
 from hexgen_zmq.messages import MicroBatch, TokenRecord
-from hexgen_zmq.model_runner import StageModel, build_layout
+from hexgen_zmq.model_runner import SlotIndex, StageModel, build_layout
 from hexgen_zmq.sampling import RequestSampler, sample
 
 
@@ -20,6 +20,7 @@ class StageWorker:
         self.model = model
         self.blocks = BlockManager(num_blocks, block_size)
         self.pool = model.new_pool(num_blocks, block_size)
+        self.slots = SlotIndex(self.blocks, model.device)
         self.samplers: dict[int, RequestSampler] = {}
 
     @property
@@ -47,10 +48,9 @@ class StageWorker:
     def step(self, batch: MicroBatch, inputs: torch.Tensor) -> torch.Tensor | list[TokenRecord]:
         """Run one micro-batch: hidden states out, or on the last stage one record per sampled segment."""
         for request_id in batch.release:
-            self.blocks.release(request_id)
-            self.samplers.pop(request_id, None)
+            self.release(request_id)
         for new in batch.new:
-            self.blocks.release(new.request_id)  # a re-announced id starts afresh
+            self.release(new.request_id)  # a re-announced id starts afresh
             self.blocks.admit(new.request_id, new.total_tokens)
             if self.model.last:
                 prompt = new.total_tokens - new.params.max_new_tokens
@@ -63,7 +63,7 @@ class StageWorker:
                 raise BadBatch(str(exc)) from None
         if not batch.segments:  # only releases travel in this batch
             return [] if self.model.last else torch.empty(0, self.model.info.hidden_size, dtype=self.model.dtype)
-        layout = build_layout(batch.segments, self.blocks, self.model.device)
+        layout = build_layout(batch.segments, self.slots, self.model.device)
         layout.pool = self.pool
         out = self.model(inputs, layout)
         if not self.model.last:
@@ -74,7 +74,11 @@ class StageWorker:
         for request_id, token in zip(sampled, tokens):
             record = self.samplers[request_id].record(request_id, token)
             if record.finished:
-                self.blocks.release(request_id)
-                del self.samplers[request_id]
+                self.release(request_id)
             records.append(record)
         return records
+
+    def release(self, request_id: int) -> None:
+        self.blocks.release(request_id)
+        self.slots.forget(request_id)
+        self.samplers.pop(request_id, None)

@@ -1,0 +1,250 @@
+"""`hexgen-zmq bench`: load a deployment and measure it; optionally Hugging Face `generate` side by side.
+
+Closed loop (`--concurrency C`: C clients, each sending its next request when the last one ends) or open
+loop (`--rate R`: Poisson arrivals). Prompt and output lengths are fixed (`64`) or drawn uniformly
+(`32:128`). Reports time to first token, time per output token, end-to-end latency (p50/p90/p99), output
+tokens per second and SLO attainment, on the terminal and as JSON. `--baseline hf` then runs the same
+requests through Hugging Face `generate` in this process on the same checkpoint, one at a time and as one
+static batch, and prints the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+
+@dataclass(frozen=True)
+class Workload:
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+
+@dataclass
+class RequestStats:
+    ttft_s: float
+    total_s: float
+    tokens: int
+    ok: bool = True
+    error: str | None = None
+
+    @property
+    def tpot_s(self) -> float:
+        return (self.total_s - self.ttft_s) / (self.tokens - 1) if self.tokens > 1 else 0.0
+
+
+@dataclass
+class Report:
+    label: str
+    wall_s: float
+    requests: int
+    failed: int
+    output_tokens: int
+    tokens_per_s: float
+    requests_per_s: float
+    ttft_s: dict = field(default_factory=dict)
+    tpot_s: dict = field(default_factory=dict)
+    e2e_s: dict = field(default_factory=dict)
+    slo_s: float | None = None
+    slo_attainment: float | None = None
+
+
+def parse_len(text: str) -> tuple[int, int]:
+    low, _, high = text.partition(":")
+    low_i, high_i = int(low), int(high or low)
+    if not 0 < low_i <= high_i:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected N or LOW:HIGH with 0 < LOW <= HIGH")
+    return low_i, high_i
+
+
+def make_workload(n: int, prompt_len: tuple[int, int], output_len: tuple[int, int], vocab: int, seed: int) -> Workload:
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(*prompt_len))] for _ in range(n)]
+    return Workload(prompts, [rng.randint(*output_len) for _ in range(n)])
+
+
+def percentiles(values: list[float]) -> dict:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "mean": statistics.fmean(values)}
+
+
+def summarize(label: str, stats: list[RequestStats], wall_s: float, slo_s: float | None) -> Report:
+    ok = [s for s in stats if s.ok]
+    tokens = sum(s.tokens for s in ok)
+    report = Report(label, wall_s, len(stats), len(stats) - len(ok), tokens, tokens / wall_s, len(ok) / wall_s,
+                    percentiles([s.ttft_s for s in ok]), percentiles([s.tpot_s for s in ok if s.tokens > 1]),
+                    percentiles([s.total_s for s in ok]))
+    if slo_s is not None:
+        report.slo_s = slo_s
+        report.slo_attainment = sum(1 for s in ok if s.total_s <= slo_s) / max(1, len(stats))
+    return report
+
+
+async def run_load(address: str, workload: Workload, concurrency: int | None, rate: float | None, seed: int,
+                   ignore_eos: bool, progress: Progress | None = None) -> tuple[list[RequestStats], float]:
+    """Send the workload to a running broker; returns per-request stats (in workload order) and wall time."""
+    from hexgen_zmq.client import Client, GenerationError
+
+    n = len(workload.prompts)
+    stats: list[RequestStats | None] = [None] * n
+    task = progress.add_task("requests", total=n) if progress else None
+
+    async with await Client.connect(address) as client:
+        await client.generate(prompt_ids=workload.prompts[0][:4], max_new_tokens=2)  # warm-up, not counted
+
+        async def one(i: int) -> None:
+            start = time.perf_counter()
+            try:
+                result = await client.generate(prompt_ids=workload.prompts[i], max_new_tokens=workload.output_lens[i],
+                                               ignore_eos=ignore_eos)
+                stats[i] = RequestStats(result.ttft_s, result.total_s, len(result.token_ids))
+            except GenerationError as exc:
+                stats[i] = RequestStats(0.0, time.perf_counter() - start, 0, False, str(exc))
+            if progress:
+                progress.advance(task)
+
+        start = time.perf_counter()
+        if rate:
+            rng = random.Random(seed + 1)
+            tasks = []
+            for i in range(n):
+                tasks.append(asyncio.create_task(one(i)))
+                await asyncio.sleep(rng.expovariate(rate))
+            await asyncio.gather(*tasks)
+        else:
+            queue = iter(range(n))
+
+            async def worker() -> None:
+                for i in queue:
+                    await one(i)
+
+            await asyncio.gather(*(worker() for _ in range(concurrency or 1)))
+        wall = time.perf_counter() - start
+    return [s for s in stats if s is not None], wall
+
+
+def hf_baselines(model_path: str, workload: Workload, one_at_a_time: int, console: Console) -> list[Report]:
+    """The same requests through Hugging Face generate in this process: one at a time, then one static batch."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    pad = model.generation_config.pad_token_id or model.generation_config.eos_token_id or 0
+    if isinstance(pad, list):
+        pad = pad[0]
+    reports = []
+    with torch.inference_mode():
+        model.generate(torch.tensor([workload.prompts[0][:4]]), max_new_tokens=2, do_sample=False)  # warm-up
+        stats = []
+        count = min(one_at_a_time, len(workload.prompts))
+        with console.status(f"HF generate, one request at a time ({count} requests)"):
+            start = time.perf_counter()
+            for prompt, out_len in zip(workload.prompts[:count], workload.output_lens[:count]):
+                t0 = time.perf_counter()
+                model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                               max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False, pad_token_id=pad)
+                stats.append(RequestStats(0.0, time.perf_counter() - t0, out_len))
+            reports.append(summarize("hf one at a time", stats, time.perf_counter() - start, None))
+        with console.status(f"HF generate, one static batch of {len(workload.prompts)}"):
+            longest = max(len(p) for p in workload.prompts)
+            ids = torch.full((len(workload.prompts), longest), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, prompt in enumerate(workload.prompts):  # left padding
+                ids[i, longest - len(prompt):] = torch.tensor(prompt)
+                mask[i, longest - len(prompt):] = 1
+            out_len = max(workload.output_lens)
+            start = time.perf_counter()
+            model.generate(ids, attention_mask=mask, max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False,
+                           pad_token_id=pad)
+            wall = time.perf_counter() - start
+            stats = [RequestStats(wall, wall, n) for n in workload.output_lens]  # tokens asked for, not padding
+            reports.append(summarize("hf static batch", stats, wall, None))
+    return reports
+
+
+def print_reports(console: Console, reports: list[Report]) -> None:
+    table = Table(title="hexgen-zmq bench")
+    for column in ("run", "req", "fail", "out tok", "tok/s", "req/s", "TTFT p50/p90/p99 ms", "TPOT p50/p90/p99 ms",
+                   "E2E p50/p90/p99 s", "SLO"):
+        table.add_column(column, justify="right")
+    ms = lambda d: "/".join(f"{d[k] * 1e3:.0f}" for k in ("p50", "p90", "p99")) if d else "-"  # noqa: E731
+    sec = lambda d: "/".join(f"{d[k]:.2f}" for k in ("p50", "p90", "p99")) if d else "-"  # noqa: E731
+    for r in reports:
+        slo = f"{r.slo_attainment:.1%} <= {r.slo_s:g}s" if r.slo_attainment is not None else "-"
+        table.add_row(r.label, str(r.requests), str(r.failed), str(r.output_tokens), f"{r.tokens_per_s:.0f}",
+                      f"{r.requests_per_s:.2f}", ms(r.ttft_s), ms(r.tpot_s), sec(r.e2e_s), slo)
+    console.print(table)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench", help="load a deployment and report latency, throughput and SLO attainment")
+    p.add_argument("--config", required=True, help="deployment file")
+    p.add_argument("--launch", action="store_true", help="start the deployment on this machine for the run")
+    loop = p.add_mutually_exclusive_group()
+    loop.add_argument("--concurrency", type=int, default=None, help="closed loop: clients in flight (default 32)")
+    loop.add_argument("--rate", type=float, default=None, help="open loop: Poisson arrivals per second")
+    p.add_argument("--requests", type=int, default=None, help="requests to send (default: 2 x concurrency, or 64)")
+    p.add_argument("--prompt-len", type=parse_len, default=(64, 64), help="N or LOW:HIGH (uniform)")
+    p.add_argument("--output-len", type=parse_len, default=(64, 64), help="N or LOW:HIGH (uniform)")
+    p.add_argument("--respect-eos", action="store_true", help="stop at EOS (default: always produce output-len)")
+    p.add_argument("--slo", type=float, default=None, help="end-to-end deadline in seconds for SLO attainment")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--baseline", choices=["hf"], default=None, help="also run Hugging Face generate, same requests")
+    p.add_argument("--baseline-requests", type=int, default=None,
+                   help="requests for the one-at-a-time baseline (default: all)")
+    p.add_argument("--json", default=None, help="write the reports here")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hexgen_zmq.deployment import load_deployment
+    from hexgen_zmq.launcher import LocalDeployment
+
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
+    deployment = load_deployment(args.config)
+    info = deployment.model_info()
+    concurrency = None if args.rate else (args.concurrency or 32)
+    n = args.requests or (2 * concurrency if concurrency else 64)
+    workload = make_workload(n, args.prompt_len, args.output_len, min(info.vocab_size, 32000), args.seed)
+    local = None
+    if args.launch:
+        local = LocalDeployment(args.config)
+        with console.status("starting the deployment"):
+            local.start()
+    try:
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=console)
+        with progress:
+            stats, wall = asyncio.run(run_load(deployment.broker.clients, workload, concurrency, args.rate, args.seed,
+                                               not args.respect_eos, progress))
+    finally:
+        if local is not None:
+            local.stop()
+    label = f"hexgen-zmq ({'rate ' + str(args.rate) + '/s' if args.rate else f'concurrency {concurrency}'})"
+    reports = [summarize(label, stats, wall, args.slo)]
+    if args.baseline == "hf":
+        reports += hf_baselines(deployment.model.path, workload, args.baseline_requests or n, console)
+    print_reports(console, reports)
+    if args.baseline == "hf":
+        ours = reports[0].tokens_per_s
+        for r in reports[1:]:
+            print(f"tokens/s ratio, hexgen-zmq / {r.label}: {ours / r.tokens_per_s:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"config": str(args.config), "requests": n, "reports": [asdict(r) for r in reports]}, indent=2))
+    return 0 if all(s.ok for s in stats) else 1
