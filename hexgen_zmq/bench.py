@@ -83,11 +83,14 @@ def percentiles(values: list[float]) -> dict:
     return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "mean": statistics.fmean(values)}
 
 
-def summarize(label: str, stats: list[RequestStats], wall_s: float, slo_s: float | None) -> Report:
+def summarize(label: str, stats: list[RequestStats], wall_s: float, slo_s: float | None,
+              latency_only: bool = False) -> Report:
+    """Aggregate figures; `latency_only` for runs that cannot see the first token (HF generate)."""
     ok = [s for s in stats if s.ok]
     tokens = sum(s.tokens for s in ok)
     report = Report(label, wall_s, len(stats), len(stats) - len(ok), tokens, tokens / wall_s, len(ok) / wall_s,
-                    percentiles([s.ttft_s for s in ok]), percentiles([s.tpot_s for s in ok if s.tokens > 1]),
+                    {} if latency_only else percentiles([s.ttft_s for s in ok]),
+                    {} if latency_only else percentiles([s.tpot_s for s in ok if s.tokens > 1]),
                     percentiles([s.total_s for s in ok]))
     if slo_s is not None:
         report.slo_s = slo_s
@@ -138,8 +141,10 @@ async def run_load(address: str, workload: Workload, concurrency: int | None, ra
     return [s for s in stats if s is not None], wall
 
 
-def hf_baselines(model_path: str, workload: Workload, one_at_a_time: int, console: Console) -> list[Report]:
-    """The same requests through Hugging Face generate in this process: one at a time, then one static batch."""
+def hf_baselines(model_path: str, workload: Workload, one_at_a_time: int, batch_size: int,
+                 console: Console) -> list[Report]:
+    """The same requests through Hugging Face generate in this process: one at a time, then in static
+    batches of `batch_size` (the benchmark's concurrency), each padded to its longest prompt and output."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -159,22 +164,27 @@ def hf_baselines(model_path: str, workload: Workload, one_at_a_time: int, consol
                 t0 = time.perf_counter()
                 model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                                max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False, pad_token_id=pad)
-                stats.append(RequestStats(0.0, time.perf_counter() - t0, out_len))
-            reports.append(summarize("hf one at a time", stats, time.perf_counter() - start, None))
-        with console.status(f"HF generate, one static batch of {len(workload.prompts)}"):
-            longest = max(len(p) for p in workload.prompts)
-            ids = torch.full((len(workload.prompts), longest), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, prompt in enumerate(workload.prompts):  # left padding
-                ids[i, longest - len(prompt):] = torch.tensor(prompt)
-                mask[i, longest - len(prompt):] = 1
-            out_len = max(workload.output_lens)
+                stats.append(RequestStats(0.0, time.perf_counter() - t0, out_len))  # end-to-end only
+            reports.append(summarize("hf one at a time", stats, time.perf_counter() - start, None, latency_only=True))
+        with console.status(f"HF generate, static batches of {batch_size}"):
+            stats = []
             start = time.perf_counter()
-            model.generate(ids, attention_mask=mask, max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False,
-                           pad_token_id=pad)
-            wall = time.perf_counter() - start
-            stats = [RequestStats(wall, wall, n) for n in workload.output_lens]  # tokens asked for, not padding
-            reports.append(summarize("hf static batch", stats, wall, None))
+            for first in range(0, len(workload.prompts), batch_size):
+                prompts = workload.prompts[first : first + batch_size]
+                out_lens = workload.output_lens[first : first + batch_size]
+                longest = max(len(p) for p in prompts)
+                ids = torch.full((len(prompts), longest), pad, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for i, prompt in enumerate(prompts):  # left padding
+                    ids[i, longest - len(prompt):] = torch.tensor(prompt)
+                    mask[i, longest - len(prompt):] = 1
+                t0 = time.perf_counter()
+                model.generate(ids, attention_mask=mask, max_new_tokens=max(out_lens), min_new_tokens=max(out_lens),
+                               do_sample=False, pad_token_id=pad)
+                took = time.perf_counter() - t0
+                stats += [RequestStats(took, took, n) for n in out_lens]  # tokens asked for, not padding
+            reports.append(summarize(f"hf static batches of {batch_size}", stats, time.perf_counter() - start, None,
+                                     latency_only=True))
     return reports
 
 
@@ -199,7 +209,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     loop = p.add_mutually_exclusive_group()
     loop.add_argument("--concurrency", type=int, default=None, help="closed loop: clients in flight (default 32)")
     loop.add_argument("--rate", type=float, default=None, help="open loop: Poisson arrivals per second")
-    p.add_argument("--requests", type=int, default=None, help="requests to send (default: 2 x concurrency, or 64)")
+    p.add_argument("--requests", type=int, default=None, help="requests to send (default: the concurrency, or 64)")
     p.add_argument("--prompt-len", type=parse_len, default=(64, 64), help="N or LOW:HIGH (uniform)")
     p.add_argument("--output-len", type=parse_len, default=(64, 64), help="N or LOW:HIGH (uniform)")
     p.add_argument("--respect-eos", action="store_true", help="stop at EOS (default: always produce output-len)")
@@ -220,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
     deployment = load_deployment(args.config)
     info = deployment.model_info()
     concurrency = None if args.rate else (args.concurrency or 32)
-    n = args.requests or (2 * concurrency if concurrency else 64)
+    n = args.requests or (concurrency or 64)
     workload = make_workload(n, args.prompt_len, args.output_len, min(info.vocab_size, 32000), args.seed)
     local = None
     if args.launch:
@@ -239,7 +249,8 @@ def run(args: argparse.Namespace) -> int:
     label = f"hexgen-zmq ({'rate ' + str(args.rate) + '/s' if args.rate else f'concurrency {concurrency}'})"
     reports = [summarize(label, stats, wall, args.slo)]
     if args.baseline == "hf":
-        reports += hf_baselines(deployment.model.path, workload, args.baseline_requests or n, console)
+        reports += hf_baselines(deployment.model.path, workload, args.baseline_requests or n, concurrency or n,
+                                console)
     print_reports(console, reports)
     if args.baseline == "hf":
         ours = reports[0].tokens_per_s

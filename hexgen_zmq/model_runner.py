@@ -141,14 +141,18 @@ def paged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     k_pool.index_copy_(0, layout.write_slots, key[0].transpose(0, 1))
     v_pool.index_copy_(0, layout.write_slots, value[0].transpose(0, 1))
     q = query[0]  # [H, T, D]
-    out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)  # [T, H, D]
     if layout.decode_rows is not None:
-        qd = q.index_select(1, layout.decode_rows).transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
         b, length = layout.decode_gather.shape
         flat = layout.decode_gather.view(-1)  # index_select is several times faster than advanced indexing
         kd = k_pool.index_select(0, flat).view(b, length, *k_pool.shape[1:]).transpose(1, 2)  # [B, KV, L, D]
         vd = v_pool.index_select(0, flat).view(b, length, *v_pool.shape[1:]).transpose(1, 2)
+        all_decode = not layout.prefills  # then the decode rows are the whole batch, in order
+        qd = (q if all_decode else q.index_select(1, layout.decode_rows)).transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=layout.decode_mask, scale=scaling, enable_gqa=True)
+        if all_decode:
+            return od.transpose(1, 2), None  # [B, 1, H, D]: HF reshapes it to [1, T = B, H * D]
+    out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)  # [T, H, D]
+    if layout.decode_rows is not None:
         out[layout.decode_rows] = od[:, :, 0, :]
     for chunk in layout.prefills:
         qp = q[:, chunk.rows].unsqueeze(0)  # [1, H, n, D]
