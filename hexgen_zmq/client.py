@@ -29,7 +29,7 @@ from hexgen_zmq.messages import (CancelRequest, ChatMessage, ErrorEvent, Generat
                                  encode_control)
 from hexgen_zmq.sockets import CONTROL_MAX_BYTES, make_socket
 
-PING_S = 1.0
+PING_S = 0.5  # well inside the broker's client_timeout_s
 
 
 class GenerationError(RuntimeError):

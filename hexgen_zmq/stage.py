@@ -275,7 +275,7 @@ def run_stage(config: str, stage_id: str, rank: int = 0, notify: str | None = No
     if threads:
         torch.set_num_threads(threads)
     deployment = load_deployment(config)
-    leader = None
+    leader = tp = None
     try:
         worker, tp = build_worker(deployment, stage_id, rank)
         if rank > 0:
@@ -301,3 +301,5 @@ def run_stage(config: str, stage_id: str, rank: int = 0, notify: str | None = No
     finally:
         if leader is not None:
             leader.close()
+        if tp is not None:
+            tp.close()

@@ -25,7 +25,7 @@ LAYOUT = [[(0, 2, 1), (2, 6, 1)], [(0, 6, 1)]]
 @pytest.fixture(scope="module")
 def deployment(tiny_model, tmp_path_factory):
     local = start_local(tmp_path_factory.mktemp("robust"), tiny_model, LAYOUT, request_timeout_s=60,
-                        stage_timeout_s=1.5)
+                        stage_timeout_s=1.5, client_timeout_s=1.5)
     try:
         yield local
     finally:
@@ -95,6 +95,28 @@ async def test_garbage_to_stages_and_broker_leaves_them_serving(deployment, tiny
     time.sleep(1.0)
     assert deployment.dead() is None
     await assert_still_serving(deployment, tiny_model)
+
+
+async def test_a_client_that_goes_away_has_its_work_cancelled(deployment, tiny_model):
+    from tests.support import wait_for
+
+    prompt = long_prompts(tiny_model, 500, 1)[0]
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(deployment.deployment.broker.clients)
+    dealer.send_multipart(encode_control(GenerateRequest(1, SamplingParams(max_new_tokens=500), prompt_ids=prompt)))
+    assert dealer.poll(10000)  # the first tokens stream back...
+    dealer.close()  # ...and the client vanishes without a word
+    ctx.term()
+    async with await Client.connect(deployment.address) as client:
+        async def idle():
+            status = await client.status()
+            return all(p.in_flight == 0 and sum(p.cached_requests.values()) == 0 for p in status.pipelines)
+
+        await wait_for(idle, timeout_s=15)
+    broker_log = (deployment.log_dir / "broker.log").read_text()
+    assert "client went away; cancelling request" in broker_log
 
 
 def long_prompts(tiny_model, n_tokens: int, count: int) -> list[list[int]]:
