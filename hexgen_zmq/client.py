@@ -84,10 +84,13 @@ class Client:
         self._tasks: list[asyncio.Task] = []
 
     @classmethod
-    async def connect(cls, address: str) -> Client:
-        client = cls(address)
-        client._tasks = [asyncio.create_task(client._read()), asyncio.create_task(client._ping())]
-        return client
+    def connect(cls, address: str) -> _Connecting:
+        """`client = await Client.connect(addr)`, or `async with Client.connect(addr) as client:`."""
+        return _Connecting(cls, address)
+
+    def _start(self) -> Client:
+        self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._ping())]
+        return self
 
     async def __aenter__(self) -> Client:
         return self
@@ -197,6 +200,27 @@ class Client:
         return GenerationResult(tokens, last.text, last.finish_reason, ttft, total, last.prompt_tokens, last.pipeline)
 
 
+class _Connecting:
+    """What `Client.connect` returns: awaitable, and usable directly as an async context manager."""
+
+    def __init__(self, cls: type[Client], address: str):
+        self._cls, self._address = cls, address
+        self._client: Client | None = None
+
+    async def _open(self) -> Client:
+        return self._cls(self._address)._start()
+
+    def __await__(self):
+        return self._open().__await__()
+
+    async def __aenter__(self) -> Client:
+        self._client = await self._open()
+        return self._client
+
+    async def __aexit__(self, *exc) -> None:
+        await self._client.close()
+
+
 class SyncClient:
     """A blocking wrapper for scripts: runs a Client on an event loop in a background thread."""
 
@@ -204,7 +228,11 @@ class SyncClient:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="hexgen-client")
         self._thread.start()
-        self._client: Client = self._call(Client.connect(address))
+        self._client: Client = self._call(self._connect(address))
+
+    @staticmethod
+    async def _connect(address: str) -> Client:
+        return await Client.connect(address)
 
     def _call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()

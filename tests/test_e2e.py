@@ -145,3 +145,24 @@ async def test_invalid_requests_get_clear_errors(deployment, kwargs, code):
         # and the broker still serves
         result = await asyncio.wait_for(client.generate(prompt_ids=[1, 2, 3], max_new_tokens=2), 30)
         assert len(result.token_ids) >= 1
+
+
+async def test_connect_is_awaitable_and_a_context_manager(deployment, tiny_model):
+    import hexgen_zmq
+
+    async with hexgen_zmq.Client.connect(deployment.address) as client:
+        a = await asyncio.wait_for(client.generate(prompt_ids=[2, 3], max_new_tokens=5), 30)
+    client = await hexgen_zmq.Client.connect(deployment.address)
+    try:
+        b = await asyncio.wait_for(client.generate(prompt_ids=[2, 3], max_new_tokens=5), 30)
+    finally:
+        await client.close()
+    assert a.token_ids == b.token_ids == hf_greedy(tiny_model, [2, 3], 5)
+
+
+def test_sync_client(deployment, tiny_model):
+    import hexgen_zmq
+
+    with hexgen_zmq.SyncClient(deployment.address) as client:
+        assert client.generate(prompt_ids=[8, 9], max_new_tokens=6).token_ids == hf_greedy(tiny_model, [8, 9], 6)
+        assert list(client.stream(prompt_ids=[8, 9], max_new_tokens=6)) == hf_greedy(tiny_model, [8, 9], 6)
