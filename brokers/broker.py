@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import zmq
 import zmq.asyncio
 
+from hexgen_zmq.aio import run_until_first_failure
 from hexgen_zmq.block_manager import BLOCK_SIZE, blocks_for
 from hexgen_zmq.deployment import Deployment, PipelineSpec, load_deployment
 from hexgen_zmq.messages import (BrokerReady, Cancel, CancelRequest, ErrorEvent, GenerateRequest, Heartbeat,
@@ -374,14 +375,9 @@ class Broker:
         if self.notify is not None:
             self.notify.send_multipart(encode_control(BrokerReady(os.getpid())))
         log.info("broker ready: clients at %s, results at %s", self.config.clients, self.config.results)
-        tasks = [asyncio.create_task(c) for c in (self.client_loop(), self.results_loop(), self.tick_loop())]
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                task.result()
+            await run_until_first_failure(self.client_loop(), self.results_loop(), self.tick_loop())
         finally:
-            for task in tasks:
-                task.cancel()
             self.ctx.destroy(linger=200)
 
 

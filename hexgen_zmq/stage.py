@@ -20,6 +20,7 @@ import torch
 import zmq
 import zmq.asyncio
 
+from hexgen_zmq.aio import run_until_first_failure
 from hexgen_zmq.block_manager import BLOCK_SIZE
 from hexgen_zmq.checkpoint import ShardPlan
 from hexgen_zmq.deployment import Deployment, StageSpec, load_deployment
@@ -208,14 +209,7 @@ class StageLeader:
             self.notify.send_multipart(encode(ready))
         self.log.info("ready: layers %s, %d KV tokens, listening on %s", self.spec.layers,
                       self.worker.capacity_tokens, self.spec.inbound)
-        tasks = [asyncio.create_task(c) for c in (self.receive_loop(), self.compute_loop(), self.heartbeat_loop())]
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                task.result()
-        finally:
-            for task in tasks:
-                task.cancel()
+        await run_until_first_failure(self.receive_loop(), self.compute_loop(), self.heartbeat_loop())
 
     def fail(self, message: str) -> None:
         """Tell the broker (and the launcher) that this stage is gone."""

@@ -38,9 +38,13 @@ def deployment_dict(model_path: str | Path, pipelines: list[list[tuple[int, int,
 
 
 def write_deployment(directory: Path, model_path: str | Path, pipelines, name: str = "deployment.yaml",
-                     **broker) -> Path:
+                     edit=None, **broker) -> Path:
+    """Write a deployment file; `edit(spec)` may change the parsed mapping first."""
+    spec = deployment_dict(model_path, pipelines, **broker)
+    if edit is not None:
+        edit(spec)
     path = Path(directory) / name
-    path.write_text(yaml.safe_dump(deployment_dict(model_path, pipelines, **broker), sort_keys=False))
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
 
 
@@ -63,11 +67,11 @@ def hf_greedy(model_path: str | Path, prompt: list[int], max_new_tokens: int) ->
     return out[0, len(prompt):].tolist()
 
 
-def start_local(directory: Path, model_path, pipelines, timeout_s: float = 240.0, **broker):
+def start_local(directory: Path, model_path, pipelines, timeout_s: float = 240.0, edit=None, **broker):
     """Write a deployment and start it; the caller stops it (use in a fixture's finally)."""
     from hexgen_zmq.launcher import LocalDeployment
 
-    path = write_deployment(directory, model_path, pipelines, **broker)
+    path = write_deployment(directory, model_path, pipelines, edit=edit, **broker)
     local = LocalDeployment(path, log_dir=Path(directory) / "logs", threads=1)
     local.start(timeout_s=timeout_s)
     return local

@@ -7,29 +7,26 @@ import asyncio
 import random
 
 import pytest
-import yaml
 
 from hexgen_zmq.client import Client, GenerationError
-from hexgen_zmq.launcher import LocalDeployment
-from tests.support import deployment_dict, hf_greedy
+from tests.support import hf_greedy, start_local
 
 KV_TOKENS = 256  # 16 blocks of 16 tokens per stage
 QUEUE_LIMIT = 6
 
 
-@pytest.fixture(scope="module")
-def deployment(tiny_model, tmp_path_factory):
-    directory = tmp_path_factory.mktemp("batching")
-    spec = deployment_dict(tiny_model, [[(0, 2, 1), (2, 3, 1), (3, 6, 1)], [(0, 6, 1)]],
-                           queue_limit=QUEUE_LIMIT, request_timeout_s=120)
+def small_budgets(spec: dict) -> None:
     spec["pipelines"][0]["micro_batches"] = 3  # one per stage: several in flight, as on GPUs
     for pipeline in spec["pipelines"]:
         for stage in pipeline["stages"]:
             stage.update(kv_cache_tokens=KV_TOKENS, max_batch_tokens=24)  # small: prompts get chunked
-    path = directory / "deployment.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    local = LocalDeployment(path, log_dir=directory / "logs", threads=1)
-    local.start(timeout_s=240)
+
+
+@pytest.fixture(scope="module")
+def deployment(tiny_model, tmp_path_factory):
+    local = start_local(tmp_path_factory.mktemp("batching"), tiny_model,
+                        [[(0, 2, 1), (2, 3, 1), (3, 6, 1)], [(0, 6, 1)]], edit=small_budgets,
+                        queue_limit=QUEUE_LIMIT, request_timeout_s=120)
     try:
         yield local
     finally:
