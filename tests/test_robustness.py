@@ -105,7 +105,8 @@ async def test_a_client_that_goes_away_has_its_work_cancelled(deployment, tiny_m
     dealer = ctx.socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.connect(deployment.deployment.broker.clients)
-    dealer.send_multipart(encode_control(GenerateRequest(1, SamplingParams(max_new_tokens=500), prompt_ids=prompt)))
+    for i in range(16):  # more work than can finish before the broker notices the silence
+        dealer.send_multipart(encode_control(GenerateRequest(i, SamplingParams(max_new_tokens=500), prompt_ids=prompt)))
     assert dealer.poll(10000)  # the first tokens stream back...
     dealer.close()  # ...and the client vanishes without a word
     ctx.term()
