@@ -30,6 +30,8 @@ from hexgen_zmq.messages import (CancelRequest, ChatMessage, ErrorEvent, Generat
 from hexgen_zmq.sockets import CONTROL_MAX_BYTES, make_socket
 
 PING_S = 0.5  # well inside the broker's client_timeout_s
+SILENCE_S = 60.0  # beyond a request's own deadline: no word from the broker for this long means it is gone
+DEFAULT_DEADLINE_S = 300.0  # the broker's default request_timeout_s
 
 
 class GenerationError(RuntimeError):
@@ -73,8 +75,9 @@ def _request(client_request_id: int, prompt_ids, prompt, messages, max_new_token
 
 
 class Client:
-    def __init__(self, address: str):
+    def __init__(self, address: str, silence_s: float = SILENCE_S):
         self.address = address
+        self.silence_s = silence_s  # how long past a request's deadline to wait for a broker that went quiet
         self.ctx = zmq.asyncio.Context()
         self.socket = make_socket(self.ctx, zmq.DEALER, connect=address, hwm=10000, max_bytes=CONTROL_MAX_BYTES,
                                   identity=os.urandom(8))
@@ -84,9 +87,9 @@ class Client:
         self._tasks: list[asyncio.Task] = []
 
     @classmethod
-    def connect(cls, address: str) -> _Connecting:
+    def connect(cls, address: str, silence_s: float = SILENCE_S) -> _Connecting:
         """`client = await Client.connect(addr)`, or `async with Client.connect(addr) as client:`."""
-        return _Connecting(cls, address)
+        return _Connecting(cls, address, silence_s)
 
     def _start(self) -> Client:
         self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._ping())]
@@ -146,8 +149,13 @@ class Client:
         finished = False
         try:
             await self._send(request)
+            patience = (request.timeout_s or DEFAULT_DEADLINE_S) + self.silence_s
             while True:
-                event = await entry.queue.get()
+                try:
+                    event = await asyncio.wait_for(entry.queue.get(), patience)
+                except asyncio.TimeoutError:
+                    raise GenerationError("timeout", f"no answer from the broker at {self.address} "
+                                                     f"for {patience:g} s") from None
                 if isinstance(event, ErrorEvent):
                     finished = True
                     raise GenerationError(event.code, event.message)
@@ -203,12 +211,12 @@ class Client:
 class _Connecting:
     """What `Client.connect` returns: awaitable, and usable directly as an async context manager."""
 
-    def __init__(self, cls: type[Client], address: str):
-        self._cls, self._address = cls, address
+    def __init__(self, cls: type[Client], address: str, silence_s: float):
+        self._cls, self._address, self._silence_s = cls, address, silence_s
         self._client: Client | None = None
 
     async def _open(self) -> Client:
-        return self._cls(self._address)._start()
+        return self._cls(self._address, self._silence_s)._start()
 
     def __await__(self):
         return self._open().__await__()

@@ -21,7 +21,7 @@ import zmq
 import zmq.asyncio
 
 from hexgen_zmq.aio import run_until_first_failure
-from hexgen_zmq.block_manager import BLOCK_SIZE
+from hexgen_zmq.block_manager import BLOCK_SIZE, blocks_for
 from hexgen_zmq.checkpoint import ShardPlan
 from hexgen_zmq.deployment import Deployment, StageSpec, load_deployment
 from hexgen_zmq.messages import (Cancel, Feedback, Heartbeat, MicroBatch, StageFailed, StageReady, Submit,
@@ -115,10 +115,27 @@ class StageLeader:
     def on_submit(self, message: Submit, tensors: list) -> None:
         if not self.first:
             return self.reject("Submit sent to a stage that is not first", [message.request_id])
-        if not message.prompt:
-            return self.reject("empty prompt", [message.request_id])
+        if why := self.invalid_submit(message):  # checked here too, so one bad request cannot fail a batch
+            return self.reject(why, [message.request_id])
         self.scheduler.submit(message)
         self.wake.set()
+
+    def invalid_submit(self, message: Submit) -> str | None:
+        info = self.worker.model.info
+        total = len(message.prompt) + message.params.max_new_tokens
+        if not message.prompt:
+            return "empty prompt"
+        if min(message.prompt) < 0 or max(message.prompt) >= info.vocab_size:
+            return "prompt token id outside the vocabulary"
+        try:
+            message.params.validate(info.vocab_size)
+        except ValueError as exc:
+            return str(exc)
+        if total > info.max_positions:
+            return f"{total} tokens exceed the model's context of {info.max_positions}"
+        if blocks_for(total, self.worker.blocks.block_size) > self.worker.blocks.num_blocks:
+            return f"{total} tokens exceed this stage's KV cache of {self.worker.capacity_tokens}"
+        return None
 
     def on_cancel(self, message: Cancel, tensors: list) -> None:
         if self.first:

@@ -166,3 +166,22 @@ def test_sync_client(deployment, tiny_model):
     with hexgen_zmq.SyncClient(deployment.address) as client:
         assert client.generate(prompt_ids=[8, 9], max_new_tokens=6).token_ids == hf_greedy(tiny_model, [8, 9], 6)
         assert list(client.stream(prompt_ids=[8, 9], max_new_tokens=6)) == hf_greedy(tiny_model, [8, 9], 6)
+
+
+async def test_a_silent_broker_is_an_error_not_a_hang():
+    import zmq.asyncio
+
+    from hexgen_zmq.sockets import free_port
+
+    ctx = zmq.asyncio.Context()
+    router = ctx.socket(zmq.ROUTER)  # accepts the request, never answers
+    address = f"tcp://127.0.0.1:{free_port()}"
+    router.bind(address)
+    try:
+        async with Client.connect(address, silence_s=0.3) as client:
+            with pytest.raises(GenerationError) as err:
+                await asyncio.wait_for(client.generate(prompt_ids=[1, 2], timeout_s=0.2), 10)
+        assert err.value.code == "timeout"
+    finally:
+        router.close(0)
+        ctx.term()

@@ -51,6 +51,8 @@ def junk_messages(hidden: int) -> list[list[bytes]]:
         [msgspec.msgpack.encode([1, ["Submit", 1, "not a list", []], []])],
         encode_control(Submit(77, [], SamplingParams())),  # empty prompt
         encode_control(Submit(78, [10**9], SamplingParams())),  # token outside the vocabulary
+        encode_control(Submit(79, [5, 6], SamplingParams(max_new_tokens=10**6))),  # past the context
+        encode_control(Submit(80, [5, 6], SamplingParams(top_p=7.0))),
         encode_control(Feedback(424242, [TokenRecord(1, 3)])),
         encode_control(Tokens("p0", [TokenRecord(31337, 5, True)])),
         encode_control(Heartbeat("nobody")),
