@@ -148,6 +148,8 @@ async def print_stream(address: str, request: dict, model_path: str) -> int:
                 sys.stdout.write(f"{token} ")
             else:
                 text = tokenizer.decode(tokens, skip_special_tokens=True)
+                if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest of it
+                    continue
                 sys.stdout.write(text[len(shown):])
                 shown = text
             sys.stdout.flush()
