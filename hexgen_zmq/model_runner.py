@@ -260,4 +260,4 @@ class StageModel(nn.Module):
         if not self.last:
             return hidden
         picked = self.norm(hidden.index_select(0, layout.sample_rows))
-        return F.linear(picked, self.lm_head_weight).float()
+        return F.linear(picked, self.lm_head_weight).float().cpu()  # sampling (and its generators) run on the CPU
