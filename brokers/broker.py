@@ -372,6 +372,9 @@ class Broker:
 
     async def run(self) -> None:
         self.load_tokenizer()
+        if self.info.ignored_generation_settings:
+            log.warning("generation_config.json sets %s, which requests here do not apply",
+                        ", ".join(self.info.ignored_generation_settings))
         if self.notify is not None:
             self.notify.send_multipart(encode_control(BrokerReady(os.getpid())))
         log.info("broker ready: clients at %s, results at %s", self.config.clients, self.config.results)

@@ -15,6 +15,13 @@ from pathlib import Path
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
+# Logits processors a checkpoint's generation_config.json may switch on, which requests here do not apply
+# (with their neutral values); the broker warns when a checkpoint sets one.
+UNAPPLIED_GENERATION_SETTINGS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None,
+                                 "suppress_tokens": None, "begin_suppress_tokens": None, "min_length": 0,
+                                 "min_new_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None}
+
+
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be served."""
 
@@ -34,6 +41,7 @@ class ModelInfo:
     tie_word_embeddings: bool
     eos_token_ids: tuple[int, ...]
     raw: dict
+    ignored_generation_settings: tuple[str, ...] = ()  # in generation_config.json, not applied here
 
     def check_tp_degree(self, tp: int) -> str | None:
         """Why this model cannot be split over `tp` ranks, or None when it can."""
@@ -75,6 +83,8 @@ def read_model_info(path: str | Path) -> ModelInfo:
     if gen_file.is_file():
         generation = json.loads(gen_file.read_text())
     eos = _eos_ids(generation.get("eos_token_id", config.get("eos_token_id")))
+    ignored = tuple(key for key, neutral in UNAPPLIED_GENERATION_SETTINGS.items()
+                    if generation.get(key) not in (None, neutral))
     heads = int(config["num_attention_heads"])
     hidden = int(config["hidden_size"])
     return ModelInfo(
@@ -91,4 +101,5 @@ def read_model_info(path: str | Path) -> ModelInfo:
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         eos_token_ids=eos,
         raw=config,
+        ignored_generation_settings=ignored,
     )
