@@ -114,3 +114,12 @@ def test_plan_without_checkpoint_checks_only_the_layout(good):
     bad = mutate(data, lambda d: stage(d, 1, 0).update(layers=[0, 5]))
     with pytest.raises(DeploymentError, match="layers end at 5"):
         load_deployment(bad, check_checkpoint=False)
+
+
+@pytest.mark.parametrize("name", ["tiny-local", "smollm2-local", "tiny-tp-local"])
+def test_committed_configs_are_valid_layouts(name):
+    from pathlib import Path
+
+    deployment = load_deployment(Path(__file__).parent.parent / "configs" / f"{name}.yaml", check_checkpoint=False)
+    assert len(deployment.pipelines) == 2
+    assert {len(p.stages) for p in deployment.pipelines} == {2, 3}
