@@ -28,7 +28,7 @@ from hexgen_zmq.messages import (Cancel, Feedback, Heartbeat, MicroBatch, StageF
                                  TokenRecord, Tokens)
 from hexgen_zmq.model_runner import KVPool, StageModel
 from hexgen_zmq.scheduler import Scheduler
-from hexgen_zmq.sockets import CONTROL_MAX_BYTES, make_socket
+from hexgen_zmq.sockets import ACTIVATION_HWM, CONTROL_MAX_BYTES, make_socket
 from hexgen_zmq.stage_worker import BadBatch, StageWorker
 from hexgen_zmq.tp import BATCH, KEEPALIVE, STOP, TPGroup
 from hexgen_zmq.wire import DTYPES, WireError, decode, encode
@@ -80,7 +80,8 @@ class StageLeader:
             self.scheduler = Scheduler(worker.blocks.num_blocks, worker.blocks.block_size,
                                        self.spec.max_batch_tokens, depth=len(self.pipeline.stages),
                                        micro_batches=self.pipeline.default_micro_batches())
-        self.queue: asyncio.Queue[tuple[MicroBatch, torch.Tensor]] = asyncio.Queue()
+        # bounded: a full queue stops the receive loop, and the upstream stage's send then waits at its HWM
+        self.queue: asyncio.Queue[tuple[MicroBatch, torch.Tensor]] = asyncio.Queue(maxsize=ACTIVATION_HWM)
         self.wake = asyncio.Event()
         self.bad_messages = 0
         self.last_step = time.monotonic()
@@ -107,7 +108,9 @@ class StageLeader:
                 self.reject(f"unexpected {type(message).__name__}")
                 continue
             try:
-                handler(message, tensors)
+                result = handler(message, tensors)
+                if result is not None:
+                    await result
             except Exception as exc:  # a handler bug must not stop the stage
                 self.log.exception("handling %s failed", type(message).__name__)
                 self.reject(f"{type(message).__name__}: {exc}")
@@ -149,11 +152,11 @@ class StageLeader:
             self.log.debug("ignored feedback for micro-batch %d, not in flight", message.batch_id)
         self.wake.set()
 
-    def on_micro_batch(self, message: MicroBatch, tensors: list) -> None:
+    async def on_micro_batch(self, message: MicroBatch, tensors: list) -> None:
         ids = [seg.request_id for seg in message.segments]
         if self.first or len(tensors) != 1:
             return self.reject("micro-batch with the wrong number of tensors or sent to a first stage", ids)
-        self.queue.put_nowait((message, tensors[0]))
+        await self.queue.put((message, tensors[0]))
 
     # ------------------------------------------------------------------ computing
     def send_broker(self, message) -> None:
