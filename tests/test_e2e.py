@@ -185,3 +185,21 @@ async def test_a_silent_broker_is_an_error_not_a_hang():
     finally:
         router.close(0)
         ctx.term()
+
+
+def test_bench_reports_against_the_hf_baselines(deployment, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "-m", "hexgen_zmq.cli", "bench", "--config", str(deployment.config),
+                             "--concurrency", "3", "--requests", "6", "--prompt-len", "4:12", "--output-len", "5",
+                             "--slo", "30", "--baseline", "hf", "--baseline-requests", "2", "--json", str(out)],
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    reports = json.loads(out.read_text())["reports"]
+    assert [r["requests"] for r in reports] == [6, 2, 6]
+    assert reports[0]["output_tokens"] == 30 and reports[0]["failed"] == 0 and reports[0]["slo_attainment"] == 1.0
+    assert set(reports[0]["ttft_s"]) == {"p50", "p90", "p99", "mean"}
+    assert "tokens/s ratio, hexgen-zmq / hf one at a time" in result.stdout
