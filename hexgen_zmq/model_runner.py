@@ -30,13 +30,18 @@ CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3
 
 
 class KVPool:
-    """Per-layer key and value tensors of `num_blocks * block_size` token slots for this rank's KV heads."""
+    """Per-layer key and value tensors of `num_blocks * block_size` token slots for this rank's KV heads,
+    plus one zeroed block that padded gathers read. The rest is left uninitialised: on a CPU its pages
+    cost no memory until a request first writes them, and nothing reads a slot before it is written."""
 
     def __init__(self, layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
-        slots = num_blocks * block_size
-        self.keys = [torch.zeros(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.zeros(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]
+        slots = (num_blocks + 1) * block_size
+        self.pad_slot = num_blocks * block_size  # first slot of the zeroed padding block
+        self.keys = [torch.empty(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.empty(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]
+        for tensor in (*self.keys, *self.values):
+            tensor[self.pad_slot :].zero_()
 
     @staticmethod
     def bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -88,8 +93,9 @@ class SlotIndex:
         self._slots.pop(request_id, None)
 
 
-def build_layout(segments: list[Segment], index: SlotIndex, device: torch.device) -> BatchLayout:
-    """Positions, cache slots and attention groups of a micro-batch (tables must already cover it)."""
+def build_layout(segments: list[Segment], index: SlotIndex, device: torch.device, pad_slot: int) -> BatchLayout:
+    """Positions, cache slots and attention groups of a micro-batch (tables must already cover it);
+    decode gathers are padded with `pad_slot`, a slot that always holds zeros."""
     positions: list[int] = []
     write_slots: list[torch.Tensor] = []
     decode_rows: list[int] = []
@@ -125,7 +131,7 @@ def build_layout(segments: list[Segment], index: SlotIndex, device: torch.device
     if decode_rows:
         lengths = torch.tensor([s.numel() for s in decode_slots], device=device)
         layout.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=device)
-        layout.decode_gather = torch.nn.utils.rnn.pad_sequence(decode_slots, batch_first=True)  # pads with slot 0
+        layout.decode_gather = torch.nn.utils.rnn.pad_sequence(decode_slots, batch_first=True, padding_value=pad_slot)
         longest = layout.decode_gather.shape[1]
         layout.decode_mask = (torch.arange(longest, device=device) < lengths.unsqueeze(1)).view(len(decode_rows), 1, 1, longest)
     return layout

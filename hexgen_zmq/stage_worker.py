@@ -63,7 +63,7 @@ class StageWorker:
                 raise BadBatch(str(exc)) from None
         if not batch.segments:  # only releases travel in this batch
             return [] if self.model.last else torch.empty(0, self.model.info.hidden_size, dtype=self.model.dtype)
-        layout = build_layout(batch.segments, self.slots, self.model.device)
+        layout = build_layout(batch.segments, self.slots, self.model.device, self.pool.pad_slot)
         layout.pool = self.pool
         out = self.model(inputs, layout)
         if not self.model.last:
