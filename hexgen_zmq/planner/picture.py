@@ -9,6 +9,7 @@ from pathlib import Path
 from hexgen_zmq.planner.planning import PlanOutcome
 
 CELL, GAP, PAD, HOST_GAP, ROW_H, LEGEND_ROW = 26, 4, 10, 14, 96, 18
+LABEL_CHAR_W = 6.2  # width of one character of an 11 px host label
 
 
 def _colour(pipeline: int, stage: int, stages: int) -> str:
@@ -32,9 +33,9 @@ def render_svg(outcome: PlanOutcome) -> str:
         parts.append(f'<text x="{x}" y="{y + 14}" font-weight="bold">{escape(region)}</text>')
         for host in (h for h in cluster.hosts if h.region == region):
             devices = sum(c for _, c in host.gpus)
-            w = 2 * PAD + devices * (CELL + GAP) - GAP
-            parts.append(f'<rect x="{x}" y="{y + 22}" width="{w}" height="{ROW_H - 30}" rx="6" fill="#f4f4f4" stroke="#888"/>')
             label = f"{host.name} ({', '.join(f'{c}x{g}' for g, c in host.gpus)})"
+            w = 2 * PAD + max(devices * (CELL + GAP) - GAP, LABEL_CHAR_W * len(label))  # the label fits too
+            parts.append(f'<rect x="{x}" y="{y + 22}" width="{w}" height="{ROW_H - 30}" rx="6" fill="#f4f4f4" stroke="#888"/>')
             parts.append(f'<text x="{x + PAD}" y="{y + 38}" font-size="11">{escape(label)}</text>')
             d = 0
             for gpu, count in host.gpus:
