@@ -22,7 +22,7 @@ import zmq.asyncio
 
 from hexgen_zmq.aio import run_until_first_failure
 from hexgen_zmq.block_manager import BLOCK_SIZE, blocks_for
-from hexgen_zmq.deployment import Deployment, PipelineSpec, load_deployment
+from hexgen_zmq.deployment import Deployment, DeploymentError, PipelineSpec, load_deployment
 from hexgen_zmq.messages import (BrokerReady, Cancel, CancelRequest, ErrorEvent, GenerateRequest, Heartbeat,
                                  PipelineStatus, Ping, StageFailed, StageReady, StatusReply, StatusRequest, Submit,
                                  TokenEvent, TokenEvents, Tokens, WireError, decode_control, encode_control)
@@ -387,11 +387,13 @@ class Broker:
 def run_broker(config: str, notify: str | None = None) -> int:
     """Entry of the broker process."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [broker] %(levelname)s %(message)s")
-    deployment = load_deployment(config)
     import uvloop
 
     try:
-        uvloop.run(Broker(deployment, notify).run())
+        uvloop.run(Broker(load_deployment(config), notify).run())
     except KeyboardInterrupt:
         pass
+    except DeploymentError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
     return 0

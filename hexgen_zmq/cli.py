@@ -21,7 +21,11 @@ COMMAND_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hexgen-zmq", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="hexgen-zmq",
+        description="Serve LLMs over heterogeneous GPUs: asymmetric tensor + pipeline parallel stages linked by "
+                    "ZeroMQ, a broker in front, and the HexGen planner.",
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:

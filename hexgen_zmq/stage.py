@@ -23,7 +23,8 @@ import zmq.asyncio
 from hexgen_zmq.aio import run_until_first_failure
 from hexgen_zmq.block_manager import BLOCK_SIZE, blocks_for
 from hexgen_zmq.checkpoint import ShardPlan
-from hexgen_zmq.deployment import Deployment, StageSpec, load_deployment
+from hexgen_zmq.deployment import Deployment, DeploymentError, StageSpec, load_deployment
+from hexgen_zmq.model_info import CheckpointError
 from hexgen_zmq.messages import (Cancel, Feedback, Heartbeat, MicroBatch, StageFailed, StageReady, Submit,
                                  TokenRecord, Tokens)
 from hexgen_zmq.model_runner import KVPool, StageModel
@@ -288,9 +289,9 @@ def run_stage(config: str, stage_id: str, rank: int = 0, notify: str | None = No
     log = logging.getLogger(f"stage.{stage_id}")
     if threads:
         torch.set_num_threads(threads)
-    deployment = load_deployment(config)
     leader = tp = None
     try:
+        deployment = load_deployment(config)
         worker, tp = build_worker(deployment, stage_id, rank)
         if rank > 0:
             follower_loop(worker, tp, log)
@@ -303,7 +304,10 @@ def run_stage(config: str, stage_id: str, rank: int = 0, notify: str | None = No
     except KeyboardInterrupt:
         return 0
     except Exception as exc:
-        log.exception("stage failed")
+        if isinstance(exc, (DeploymentError, KeyError, CheckpointError)):  # a mistake in the file: no traceback
+            log.error("cannot start: %s", exc.args[0] if isinstance(exc, KeyError) else exc)
+        else:
+            log.exception("stage failed")
         if leader is not None:
             leader.fail(f"stage {stage_id} rank {rank} failed: {exc}")
         elif notify:
