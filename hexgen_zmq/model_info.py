@@ -85,6 +85,10 @@ def read_model_info(path: str | Path) -> ModelInfo:
     eos = _eos_ids(generation.get("eos_token_id", config.get("eos_token_id")))
     ignored = tuple(key for key, neutral in UNAPPLIED_GENERATION_SETTINGS.items()
                     if generation.get(key) not in (None, neutral))
+    missing = [k for k in ("num_attention_heads", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+               if k not in config]
+    if missing:
+        raise CheckpointError(f"{config_file}: missing {', '.join(missing)}")
     heads = int(config["num_attention_heads"])
     hidden = int(config["hidden_size"])
     return ModelInfo(

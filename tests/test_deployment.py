@@ -123,3 +123,17 @@ def test_committed_configs_are_valid_layouts(name):
     deployment = load_deployment(Path(__file__).parent.parent / "configs" / f"{name}.yaml", check_checkpoint=False)
     assert len(deployment.pipelines) == 2
     assert {len(p.stages) for p in deployment.pipelines} == {2, 3}
+
+
+def test_config_missing_fields_is_named(tmp_path, good):
+    import json
+    import shutil
+
+    model = tmp_path / "broken"
+    shutil.copytree(good["model"]["path"], model)
+    config = json.loads((model / "config.json").read_text())
+    del config["intermediate_size"]
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DeploymentError, match="missing intermediate_size") as err:
+        load_deployment(mutate(good, lambda d: d["model"].update(path=str(model))))
+    assert err.value.path == "model.path"
