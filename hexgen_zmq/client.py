@@ -111,7 +111,11 @@ class Client:
         self.ctx.term()
 
     async def _send(self, message) -> None:
-        await self.socket.send_multipart(encode_control(message))
+        frames = encode_control(message)
+        if len(frames[0]) > CONTROL_MAX_BYTES:  # the broker would drop it and the connection with it
+            raise GenerationError("invalid_request", f"request of {len(frames[0])} bytes exceeds the "
+                                                     f"{CONTROL_MAX_BYTES}-byte message limit")
+        await self.socket.send_multipart(frames)
 
     async def _read(self) -> None:
         while True:

@@ -203,3 +203,11 @@ def test_bench_reports_against_the_hf_baselines(deployment, tmp_path):
     assert reports[0]["output_tokens"] == 30 and reports[0]["failed"] == 0 and reports[0]["slo_attainment"] == 1.0
     assert set(reports[0]["ttft_s"]) == {"p50", "p90", "p99", "mean"}
     assert "tokens/s ratio, hexgen-zmq / hf one at a time" in result.stdout
+
+
+async def test_an_oversized_request_is_refused_before_it_is_sent(deployment):
+    async with Client.connect(deployment.address) as client:
+        with pytest.raises(GenerationError, match="message limit") as err:
+            await client.generate(prompt="x" * (17 << 20))
+        assert err.value.code == "invalid_request"
+        assert (await asyncio.wait_for(client.generate(prompt_ids=[1, 2], max_new_tokens=2), 30)).token_ids

@@ -16,6 +16,7 @@ import zmq
 from hexgen_zmq.client import Client, GenerationError
 from hexgen_zmq.messages import (HEADER_ENCODER, Feedback, GenerateRequest, Header, Heartbeat, MicroBatch,
                                  SamplingParams, Segment, Submit, TensorMeta, TokenRecord, Tokens, encode_control)
+from hexgen_zmq.sockets import CONTROL_MAX_BYTES
 from hexgen_zmq.wire import encode
 from tests.support import hf_greedy, start_local
 
@@ -89,6 +90,11 @@ async def test_garbage_to_stages_and_broker_leaves_them_serving(deployment, tiny
         dealer.connect(spec.broker.clients)
         for frames in junk_messages(hidden):
             dealer.send_multipart(frames)
+        dealer.send_multipart([b"\x00" * (CONTROL_MAX_BYTES + 1)])  # oversized: dropped by libzmq
+        dealer.close()
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 2000)
+        dealer.connect(spec.broker.clients)
         dealer.send_multipart(encode_control(GenerateRequest(1, SamplingParams(max_new_tokens=-4), prompt_ids=[1])))
         assert dealer.poll(10000), "the broker answers an invalid request with an error"
         dealer.close()
