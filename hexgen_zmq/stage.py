@@ -280,7 +280,10 @@ def build_worker(deployment: Deployment, stage_id: str, rank: int) -> tuple[Stag
     model = StageModel(info, spec.layers, first=index == 0, last=index == len(pipeline.stages) - 1,
                        dtype=DTYPES[deployment.model.dtype], device=device, shard=ShardPlan.make(info, rank, spec.tp),
                        group=tp.group if tp else None)
-    return StageWorker(model, kv_blocks(spec, model), BLOCK_SIZE), tp
+    blocks = kv_blocks(spec, model)
+    if tp is not None:  # every rank must manage the same pool: agree on the smallest
+        blocks = tp.agree_min(blocks)
+    return StageWorker(model, blocks, BLOCK_SIZE), tp
 
 
 def run_stage(config: str, stage_id: str, rank: int = 0, notify: str | None = None, threads: int | None = None) -> int:

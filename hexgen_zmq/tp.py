@@ -54,6 +54,12 @@ class TPGroup:
         inputs = self._bcast(torch.empty(meta.shape, dtype=DTYPES[meta.dtype]))
         return BATCH, header.body, inputs
 
+    def agree_min(self, value: int) -> int:
+        """The smallest of every rank's value (e.g. KV blocks derived from each GPU's free memory)."""
+        tensor = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=self.group)
+        return int(tensor.item())
+
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
