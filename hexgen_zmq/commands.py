@@ -166,7 +166,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     with SyncClient(deployment.broker.clients) as client:
         reply = client.status()
     for p in reply.pipelines:
-        print(f"{p.id}: ready={p.ready} healthy={p.healthy} in_flight={p.in_flight} stages={','.join(p.stages_ready)}")
+        cached = ", ".join(f"{stage}:{n}" for stage, n in sorted(p.cached_requests.items()))
+        print(f"{p.id}: ready={p.ready} healthy={p.healthy} in_flight={p.in_flight} "
+              f"stages={','.join(p.stages_ready)} requests_cached=[{cached}]")
     print(f"queued: {reply.queued}")
     return 0
 
