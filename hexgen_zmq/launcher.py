@@ -34,8 +34,9 @@ class Child:
 
 class LocalDeployment:
     def __init__(self, config: str | Path, *, log_dir: str | Path | None = None, threads: int | None = None,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, start_timeout_s: float = 180.0):
         self.config = Path(config)
+        self.start_timeout_s = start_timeout_s  # what `with LocalDeployment(...)` waits for readiness
         self.deployment: Deployment = load_deployment(self.config)
         self.log_dir = Path(log_dir) if log_dir else None
         ranks = sum(s.tp for p in self.deployment.pipelines for s in p.stages)
@@ -132,7 +133,7 @@ class LocalDeployment:
         self.children.clear()
 
     def __enter__(self) -> LocalDeployment:
-        self.start()
+        self.start(self.start_timeout_s)
         return self
 
     def __exit__(self, *exc) -> None:

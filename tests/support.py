@@ -67,14 +67,13 @@ def hf_greedy(model_path: str | Path, prompt: list[int], max_new_tokens: int) ->
     return out[0, len(prompt):].tolist()
 
 
-def start_local(directory: Path, model_path, pipelines, timeout_s: float = 240.0, edit=None, **broker):
-    """Write a deployment and start it; the caller stops it (use in a fixture's finally)."""
+def local_deployment(directory: Path, model_path, pipelines, edit=None, **broker):
+    """A deployment written to `directory`, to run as `with local_deployment(...) as local:` (starts on
+    entry, stops on exit, whatever happens in between)."""
     from hexgen_zmq.launcher import LocalDeployment
 
     path = write_deployment(directory, model_path, pipelines, edit=edit, **broker)
-    local = LocalDeployment(path, log_dir=Path(directory) / "logs", threads=1)
-    local.start(timeout_s=timeout_s)
-    return local
+    return LocalDeployment(path, log_dir=Path(directory) / "logs", threads=1, start_timeout_s=240.0)
 
 
 async def wait_for(predicate, timeout_s: float = 20.0, interval_s: float = 0.1):

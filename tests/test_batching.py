@@ -9,7 +9,7 @@ import random
 import pytest
 
 from hexgen_zmq.client import Client, GenerationError
-from tests.support import hf_greedy, start_local
+from tests.support import hf_greedy, local_deployment
 
 KV_TOKENS = 256  # 16 blocks of 16 tokens per stage
 QUEUE_LIMIT = 6
@@ -24,13 +24,10 @@ def small_budgets(spec: dict) -> None:
 
 @pytest.fixture(scope="module")
 def deployment(tiny_model, tmp_path_factory):
-    local = start_local(tmp_path_factory.mktemp("batching"), tiny_model,
-                        [[(0, 2, 1), (2, 3, 1), (3, 6, 1)], [(0, 6, 1)]], edit=small_budgets,
-                        queue_limit=QUEUE_LIMIT, request_timeout_s=120)
-    try:
+    with local_deployment(tmp_path_factory.mktemp("batching"), tiny_model,
+                          [[(0, 2, 1), (2, 3, 1), (3, 6, 1)], [(0, 6, 1)]], edit=small_budgets,
+                          queue_limit=QUEUE_LIMIT, request_timeout_s=120) as local:
         yield local
-    finally:
-        local.stop()
 
 
 async def test_staggered_requests_of_different_lengths_equal_hf(deployment, tiny_model):

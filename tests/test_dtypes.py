@@ -13,17 +13,14 @@ import pytest
 import torch
 
 from hexgen_zmq.client import Client
-from tests.support import start_local
+from tests.support import local_deployment
 
 
 @pytest.fixture(scope="module")
 def deployment(tiny_model, tmp_path_factory):
-    local = start_local(tmp_path_factory.mktemp("bf16"), tiny_model, [[(0, 2, 1), (2, 6, 2)]],
-                        edit=lambda spec: spec["model"].update(dtype="bfloat16"))
-    try:
+    with local_deployment(tmp_path_factory.mktemp("bf16"), tiny_model, [[(0, 2, 1), (2, 6, 2)]],
+                          edit=lambda spec: spec["model"].update(dtype="bfloat16")) as local:
         yield local
-    finally:
-        local.stop()
 
 
 def hf_bf16_greedy(model_path: str, prompt: list[int], n: int) -> list[int]:

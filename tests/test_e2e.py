@@ -9,7 +9,7 @@ import random
 import pytest
 
 from hexgen_zmq.client import Client, GenerationError
-from tests.support import hf_greedy, start_local, wait_for
+from tests.support import hf_greedy, local_deployment, wait_for
 
 LAYOUT = [
     [(0, 6, 1)],
@@ -20,11 +20,8 @@ LAYOUT = [
 
 @pytest.fixture(scope="module")
 def deployment(tiny_model, tmp_path_factory):
-    local = start_local(tmp_path_factory.mktemp("e2e"), tiny_model, LAYOUT, request_timeout_s=60)
-    try:
+    with local_deployment(tmp_path_factory.mktemp("e2e"), tiny_model, LAYOUT, request_timeout_s=60) as local:
         yield local
-    finally:
-        local.stop()
 
 
 async def connect(deployment) -> Client:

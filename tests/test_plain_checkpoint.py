@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hexgen_zmq.client import Client, GenerationError
-from tests.support import hf_greedy, start_local
+from tests.support import hf_greedy, local_deployment
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +28,8 @@ def bare_model(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def deployment(bare_model, tmp_path_factory):
-    local = start_local(tmp_path_factory.mktemp("bare-run"), bare_model, [[(0, 3, 2), (3, 5, 1)], [(0, 1, 1), (1, 5, 4)]])
-    try:
+    with local_deployment(tmp_path_factory.mktemp("bare-run"), bare_model, [[(0, 3, 2), (3, 5, 1)], [(0, 1, 1), (1, 5, 4)]]) as local:
         yield local
-    finally:
-        local.stop()
 
 
 async def test_bare_checkpoint_equals_hf(deployment, bare_model):

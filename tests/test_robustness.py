@@ -18,19 +18,16 @@ from hexgen_zmq.messages import (HEADER_ENCODER, Feedback, GenerateRequest, Head
                                  SamplingParams, Segment, Submit, TensorMeta, TokenRecord, Tokens, encode_control)
 from hexgen_zmq.sockets import CONTROL_MAX_BYTES
 from hexgen_zmq.wire import encode
-from tests.support import hf_greedy, start_local
+from tests.support import hf_greedy, local_deployment
 
 LAYOUT = [[(0, 2, 1), (2, 6, 1)], [(0, 6, 1)]]
 
 
 @pytest.fixture(scope="module")
 def deployment(tiny_model, tmp_path_factory):
-    local = start_local(tmp_path_factory.mktemp("robust"), tiny_model, LAYOUT, request_timeout_s=60,
-                        stage_timeout_s=1.5, client_timeout_s=1.5)
-    try:
+    with local_deployment(tmp_path_factory.mktemp("robust"), tiny_model, LAYOUT, request_timeout_s=60,
+                          stage_timeout_s=1.5, client_timeout_s=1.5) as local:
         yield local
-    finally:
-        local.stop()
 
 
 def junk_messages(hidden: int) -> list[list[bytes]]:

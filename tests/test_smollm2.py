@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from hexgen_zmq.client import Client
-from tests.support import hf_greedy, start_local
+from tests.support import hf_greedy, local_deployment
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -24,12 +24,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def deployment(smollm2_checkpoint, tmp_path_factory):
     # 30 layers, 9 heads over 3 KV heads: [11 | 19] and [TP 3 on 20 | 10]
-    local = start_local(tmp_path_factory.mktemp("smollm2"), smollm2_checkpoint,
-                        [[(0, 11, 1), (11, 30, 1)], [(0, 20, 3), (20, 30, 1)]], request_timeout_s=300)
-    try:
+    with local_deployment(tmp_path_factory.mktemp("smollm2"), smollm2_checkpoint,
+                          [[(0, 11, 1), (11, 30, 1)], [(0, 20, 3), (20, 30, 1)]], request_timeout_s=300) as local:
         yield local
-    finally:
-        local.stop()
 
 
 @pytest.fixture(scope="module")

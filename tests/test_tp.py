@@ -11,7 +11,7 @@ import time
 import pytest
 
 from hexgen_zmq.client import Client, GenerationError
-from tests.support import hf_greedy, start_local
+from tests.support import hf_greedy, local_deployment
 
 # [TP 2, TP 1] and [TP 1, TP 4, TP 2], uneven splits; the tiny model has 8 query heads over 4 KV heads, so
 # TP 4 replicates KV heads (one per rank) and TP 2 splits them.
@@ -20,11 +20,8 @@ LAYOUT = [[(0, 4, 2), (4, 6, 1)], [(0, 1, 1), (1, 3, 4), (3, 6, 2)]]
 
 @pytest.fixture(scope="module")
 def deployment(tiny_model, tmp_path_factory):
-    local = start_local(tmp_path_factory.mktemp("tp"), tiny_model, LAYOUT, request_timeout_s=60, stage_timeout_s=2.0)
-    try:
+    with local_deployment(tmp_path_factory.mktemp("tp"), tiny_model, LAYOUT, request_timeout_s=60, stage_timeout_s=2.0) as local:
         yield local
-    finally:
-        local.stop()
 
 
 async def test_tp_pipelines_equal_hf_under_concurrency(deployment, tiny_model):
