@@ -67,10 +67,6 @@ class StageSpec(Struct, frozen=True):
     def tp(self) -> int:
         return len(self.ranks)
 
-    @property
-    def num_layers(self) -> int:
-        return self.layers[1] - self.layers[0]
-
 
 class PipelineSpec(Struct, frozen=True):
     id: str

@@ -117,10 +117,6 @@ class Scheduler:
         self.pending_release.append(request_id)
 
     # ------------------------------------------------------------------ batching
-    @property
-    def idle(self) -> bool:
-        return not self.waiting and not self.running and not self.pending_release
-
     def _admit_waiting(self) -> None:
         while self.waiting:
             need = blocks_for(self.waiting[0].total_tokens, self.block_size)
