@@ -72,12 +72,18 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return run_broker(args.config, args.notify)
 
 
-def serve(deployment, stop_on_signal: bool = True) -> int:
+def stop_on_signals() -> list[bool]:
+    """A list that Ctrl-C or SIGTERM appends to, from now on."""
+    stopping: list[bool] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.append(True))
+    return stopping
+
+
+def serve(deployment, stopping: list[bool] | None = None) -> int:
     """Wait while every process runs; 0 on Ctrl-C / SIGTERM, 1 when a process dies (named)."""
-    stopping = []
-    if stop_on_signal:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stopping.append(True))
+    if stopping is None:
+        stopping = stop_on_signals()
     try:
         while not stopping:
             if dead := deployment.dead():
@@ -99,12 +105,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         layout = ", ".join(f"{p.id}: " + " -> ".join(f"{s.id}[{s.layers[0]},{s.layers[1]})x{s.tp}" for s in p.stages)
                            for p in deployment.deployment.pipelines)
         print(f"hexgen-zmq: starting {layout}", file=sys.stderr)
-        deployment.start(timeout_s=args.timeout)
+        # Ctrl-C or SIGTERM while starting: start() notices between spawns and stops what it started.
+        stopping = stop_on_signals()
+        deployment.start(timeout_s=args.timeout, stop_requested=lambda: bool(stopping))
     except (DeploymentError, LaunchError) as exc:
         print(f"hexgen-zmq: {exc}", file=sys.stderr)
-        return 1
+        return 0 if stopping else 1
     print(f"hexgen-zmq: ready; clients connect to {deployment.address}", flush=True)
-    return serve(deployment)
+    return serve(deployment, stopping)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,8 +63,9 @@ class LocalDeployment:
             out.close()
         self.children.append(Child(name, process, log_path))
 
-    def start(self, timeout_s: float = 180.0) -> None:
-        """Start everything and return once the broker and every stage leader said ready."""
+    def start(self, timeout_s: float = 180.0, stop_requested: Callable[[], bool] = lambda: False) -> None:
+        """Start everything and return once the broker and every stage leader said ready. A LaunchError
+        (with everything started so far stopped) when a process fails, time runs out or `stop_requested()`."""
         ctx = zmq.Context()
         notify = make_socket(ctx, zmq.PULL, bind="tcp://127.0.0.1:*", max_bytes=CONTROL_MAX_BYTES)
         address = notify.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -78,6 +80,8 @@ class LocalDeployment:
                     waiting.add(stage.id)
             deadline = time.monotonic() + timeout_s
             while waiting:
+                if stop_requested():
+                    raise LaunchError("stopped during start-up")
                 if time.monotonic() > deadline:
                     raise LaunchError(f"not ready after {timeout_s:g} s: {', '.join(sorted(waiting))}")
                 if dead := self.dead():

@@ -88,3 +88,26 @@ def test_up_rejects_a_bad_file_with_its_field_path(tiny_model, tmp_path):
                             text=True, timeout=60)
     assert result.returncode == 1
     assert "pipelines[0].stages[1].layers" in result.stderr
+
+
+def test_up_stopped_while_starting_leaves_no_process(tiny_model, tmp_path):
+    """SIGTERM before every process is ready (a supervisor giving up) still stops every child."""
+    config = write_deployment(tmp_path, tiny_model, [[(0, 3, 1), (3, 6, 1)]])
+    process = subprocess.Popen([sys.executable, "-m", "hexgen_zmq.cli", "up", str(config), "--threads", "1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(pids := children(process.pid)) < 3 and time.monotonic() < deadline:  # broker + 2 stages spawned
+            time.sleep(0.02)
+        assert len(pids) == 3
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=30)  # returns once every child let go of the pipes too
+        assert process.returncode == 0
+        assert "stopped during start-up" in err
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(p) for p in pids)
+    finally:
+        if process.poll() is None:
+            process.kill()
