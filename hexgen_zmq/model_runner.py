@@ -20,6 +20,7 @@ from torch import nn
 from transformers import AutoConfig
 from transformers.modeling_utils import AttentionInterface
 
+from hexgen_zmq import kernels
 from hexgen_zmq.block_manager import BlockManager
 from hexgen_zmq.checkpoint import CheckpointReader, ShardPlan, load_layer_state
 from hexgen_zmq.messages import Segment
@@ -64,6 +65,7 @@ class BatchLayout:
     decode_rows: torch.Tensor | None  # [B] rows of one-token segments
     decode_gather: torch.Tensor | None  # [B, L] their cache slots, padded
     decode_mask: torch.Tensor | None  # [B, 1, 1, L] True where a slot is real
+    decode_lengths: torch.Tensor | None  # [B] real slots of each row
     prefills: list[PrefillChunk]
     sample_rows: torch.Tensor  # [S] rows whose logits pick a token
     pool: KVPool | None = None
@@ -125,6 +127,7 @@ def build_layout(segments: list[Segment], index: SlotIndex, device: torch.device
         decode_rows=None,
         decode_gather=None,
         decode_mask=None,
+        decode_lengths=None,
         prefills=prefills,
         sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
     )
@@ -133,6 +136,7 @@ def build_layout(segments: list[Segment], index: SlotIndex, device: torch.device
         layout.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=device)
         layout.decode_gather = torch.nn.utils.rnn.pad_sequence(decode_slots, batch_first=True, padding_value=pad_slot)
         longest = layout.decode_gather.shape[1]
+        layout.decode_lengths = lengths
         layout.decode_mask = (torch.arange(longest, device=device) < lengths.unsqueeze(1)).view(len(decode_rows), 1, 1, longest)
     return layout
 
@@ -147,19 +151,23 @@ def paged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     k_pool.index_copy_(0, layout.write_slots, key[0].transpose(0, 1))
     v_pool.index_copy_(0, layout.write_slots, value[0].transpose(0, 1))
     q = query[0]  # [H, T, D]
-    if layout.decode_rows is not None:
-        b, length = layout.decode_gather.shape
-        flat = layout.decode_gather.view(-1)  # index_select is several times faster than advanced indexing
-        kd = k_pool.index_select(0, flat).view(b, length, *k_pool.shape[1:]).transpose(1, 2)  # [B, KV, L, D]
-        vd = v_pool.index_select(0, flat).view(b, length, *v_pool.shape[1:]).transpose(1, 2)
-        all_decode = not layout.prefills  # then the decode rows are the whole batch, in order
-        qd = (q if all_decode else q.index_select(1, layout.decode_rows)).transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=layout.decode_mask, scale=scaling, enable_gqa=True)
-        if all_decode:
-            return od.transpose(1, 2), None  # [B, 1, H, D]: HF reshapes it to [1, T = B, H * D]
     out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)  # [T, H, D]
     if layout.decode_rows is not None:
-        out[layout.decode_rows] = od[:, :, 0, :]
+        if kernels.usable(k_pool):  # reads the cache in place: no padded copy per step
+            scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+            kernels.decode_attention(q, k_pool, v_pool, layout.decode_gather, layout.decode_lengths,
+                                     layout.decode_rows, out, scale)
+        else:
+            b, length = layout.decode_gather.shape
+            flat = layout.decode_gather.view(-1)  # index_select is several times faster than advanced indexing
+            kd = k_pool.index_select(0, flat).view(b, length, *k_pool.shape[1:]).transpose(1, 2)  # [B, KV, L, D]
+            vd = v_pool.index_select(0, flat).view(b, length, *v_pool.shape[1:]).transpose(1, 2)
+            all_decode = not layout.prefills  # then the decode rows are the whole batch, in order
+            qd = (q if all_decode else q.index_select(1, layout.decode_rows)).transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=layout.decode_mask, scale=scaling, enable_gqa=True)
+            if all_decode:
+                return od.transpose(1, 2), None  # [B, 1, H, D]: HF reshapes it to [1, T = B, H * D]
+            out[layout.decode_rows] = od[:, :, 0, :]
     for chunk in layout.prefills:
         qp = q[:, chunk.rows].unsqueeze(0)  # [1, H, n, D]
         kp = k_pool.index_select(0, chunk.gather).transpose(0, 1).unsqueeze(0)  # [1, KV, L, D]

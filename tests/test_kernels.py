@@ -1,0 +1,109 @@
+"""The C decode-attention kernel against the torch path it replaces: same attention, from the pool in place."""
+
+from __future__ import annotations
+
+import shutil
+import sysconfig
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hexgen_zmq import kernels
+from hexgen_zmq.messages import MicroBatch, NewRequest, SamplingParams, Segment
+
+needs_kernel = pytest.mark.skipif(not kernels.enabled(), reason="the C kernel is not built here")
+
+
+def test_kernel_is_built_where_a_compiler_is():
+    """The extension is optional for users without a compiler; CI has one, so a silent build failure fails."""
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no C compiler ({compiler})")
+    assert kernels._kernels is not None
+
+
+def reference(q, k_pool, v_pool, gather, lengths, rows, scale):
+    """Gather, mask, scaled_dot_product_attention: the torch path, one row at a time."""
+    out = {}
+    for b in range(gather.shape[0]):
+        slots = gather[b, : lengths[b]]
+        k = k_pool[slots].transpose(0, 1).unsqueeze(0)  # [1, KV, L, D]
+        v = v_pool[slots].transpose(0, 1).unsqueeze(0)
+        qb = q[:, rows[b]].unsqueeze(0).unsqueeze(2)  # [1, H, 1, D]
+        out[int(rows[b])] = F.scaled_dot_product_attention(qb, k, v, scale=scale, enable_gqa=True)[0, :, 0]
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 4, 32), (9, 3, 64), (4, 4, 24), (6, 1, 8)])
+def test_decode_attention_matches_sdpa(heads, kv_heads, head_dim):
+    gen = torch.Generator().manual_seed(heads * 100 + head_dim)
+    slots, tokens = 300, 7
+    k_pool = torch.randn(slots, kv_heads, head_dim, generator=gen)
+    v_pool = torch.randn(slots, kv_heads, head_dim, generator=gen)
+    q = torch.randn(tokens, heads, head_dim, generator=gen).transpose(0, 1)  # [H, T, D], not contiguous
+    lengths = torch.tensor([1, 37, 5, 64])
+    gather = torch.full((4, 64), slots - 1, dtype=torch.long)  # padding points at a real slot: must be ignored
+    for b, n in enumerate(lengths.tolist()):
+        gather[b, :n] = torch.randperm(slots - 1, generator=gen)[:n]
+    rows = torch.tensor([6, 0, 3, 2])  # decode rows among prompt rows, out of order
+    out = torch.full((tokens, heads, head_dim), 7.0)
+    scale = head_dim**-0.5
+    kernels.decode_attention(q, k_pool, v_pool, gather, lengths, rows, out, scale)
+    for row, expected in reference(q, k_pool, v_pool, gather, lengths, rows, scale).items():
+        torch.testing.assert_close(out[row], expected, rtol=1e-5, atol=1e-5)
+    untouched = [t for t in range(tokens) if t not in rows.tolist()]
+    assert torch.all(out[untouched] == 7.0)  # rows of other segments are left to the prompt path
+
+
+@needs_kernel
+def test_decode_attention_rejects_what_it_cannot_run():
+    pool = torch.zeros(16, 2, 8)
+    q, out = torch.zeros(4, 1, 8), torch.zeros(1, 4, 8)
+    gather, lengths, rows = torch.zeros(1, 3, dtype=torch.long), torch.tensor([3]), torch.tensor([0])
+    with pytest.raises(ValueError, match="float32"):
+        kernels.decode_attention(q.half(), pool, pool, gather, lengths, rows, out, 1.0)
+    with pytest.raises(ValueError, match="out of range"):
+        kernels.decode_attention(q, pool, pool, gather, torch.tensor([4]), rows, out, 1.0)
+    with pytest.raises(ValueError, match="out of range"):
+        kernels.decode_attention(q, pool, pool, gather, lengths, torch.tensor([1]), out, 1.0)
+    with pytest.raises(ValueError, match="int64"):
+        kernels.decode_attention(q, pool, pool, gather.int(), lengths, rows, out, 1.0)
+
+
+@needs_kernel
+def test_stage_steps_agree_with_and_without_kernel(tiny_model, monkeypatch):
+    """Whole-stage forward over mixed micro-batches (prompt chunks beside decode steps): same logits."""
+    from hexgen_zmq.checkpoint import ShardPlan
+    from hexgen_zmq.model_info import read_model_info
+    from hexgen_zmq.model_runner import StageModel
+    from hexgen_zmq.stage_worker import StageWorker
+
+    info = read_model_info(tiny_model)
+    model = StageModel(info, (0, info.num_layers), first=True, last=False, dtype=torch.float32,
+                       device=torch.device("cpu"), shard=ShardPlan.make(info, 0, 1))
+    gen = torch.Generator().manual_seed(0)
+
+    def run() -> list[torch.Tensor]:
+        worker = StageWorker(model, 64, 16)
+        params = SamplingParams(max_new_tokens=8)
+        batches = [
+            MicroBatch(0, [Segment(1, 0, 20, True), Segment(2, 0, 5, True)],
+                       [NewRequest(1, 28, params, []), NewRequest(2, 13, params, [])], []),
+            MicroBatch(1, [Segment(1, 20, 1, True), Segment(3, 0, 9, False), Segment(2, 5, 1, True)],
+                       [NewRequest(3, 30, params, [])], []),
+            MicroBatch(2, [Segment(3, 9, 4, True), Segment(2, 6, 1, True), Segment(1, 21, 1, True)], [], []),
+        ]
+        outs = []
+        for batch in batches:
+            total = sum(seg.n_tokens for seg in batch.segments)
+            outs.append(worker.step(batch, torch.randint(3, info.vocab_size, (total,), generator=gen)))
+        return outs
+
+    with_kernel = run()
+    monkeypatch.setenv("HEXGEN_ZMQ_KERNELS", "0")
+    gen.manual_seed(0)
+    without = run()
+    for a, b in zip(with_kernel, without):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

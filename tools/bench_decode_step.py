@@ -1,0 +1,81 @@
+"""One stage's decode step on this CPU, with the C decode-attention kernel and with the torch path, side by side.
+
+Builds the embedded tiny model (8 layers x 256) in a temporary directory, runs all its layers as one stage
+on one thread, prefills a batch of requests and times decode steps of the whole batch, alternating the two
+attention paths so that both see the same machine. Prints ms per step, tokens/s and the ratio.
+
+    python tools/bench_decode_step.py [--batch 16] [--prompt 64] [--steps 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+from hexgen_zmq import kernels
+from hexgen_zmq.checkpoint import ShardPlan
+from hexgen_zmq.messages import MicroBatch, NewRequest, SamplingParams, Segment
+from hexgen_zmq.model_info import read_model_info
+from hexgen_zmq.model_runner import StageModel
+from hexgen_zmq.stage_worker import StageWorker
+from hexgen_zmq.tiny_model import make_tiny_model
+
+
+def decode_times(worker: StageWorker, batch: int, prompt: int, steps: int, first_id: int) -> list[float]:
+    """Prefill `batch` requests, then time `steps` decode steps of all of them (seconds each)."""
+    vocab = worker.model.info.vocab_size
+    ids = list(range(first_id, first_id + batch))
+    params = SamplingParams(max_new_tokens=steps + 1, ignore_eos=True)
+    new = [NewRequest(i, prompt + steps + 1, params, []) for i in ids]
+    worker.step(MicroBatch(0, [Segment(i, 0, prompt, True) for i in ids], new, []),
+                torch.randint(3, vocab, (batch * prompt,)))
+    times = []
+    for step in range(steps):
+        segments = [Segment(i, prompt + step, 1, True) for i in ids]
+        start = time.perf_counter()
+        worker.step(MicroBatch(step + 1, segments, [], []), torch.randint(3, vocab, (batch,)))
+        times.append(time.perf_counter() - start)
+    for i in ids:
+        worker.release(i)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=4)
+    args = parser.parse_args()
+    if not kernels.enabled():
+        raise SystemExit("the C kernel is not built (or HEXGEN_ZMQ_KERNELS=0): nothing to compare")
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_tiny_model(tmp)
+        info = read_model_info(path)
+        model = StageModel(info, (0, info.num_layers), first=True, last=True, dtype=torch.float32,
+                           device=torch.device("cpu"), shard=ShardPlan.make(info, 0, 1))
+        worker = StageWorker(model, 4096, 16)
+        results: dict[str, list[float]] = {"kernel": [], "torch": []}
+        next_id = 0
+        for _ in range(args.rounds):
+            for label in results:
+                os.environ["HEXGEN_ZMQ_KERNELS"] = "1" if label == "kernel" else "0"
+                results[label] += decode_times(worker, args.batch, args.prompt, args.steps, next_id)
+                next_id += args.batch
+        os.environ.pop("HEXGEN_ZMQ_KERNELS")
+    print(f"decode step, {info.num_layers} layers x {info.hidden_size}, batch {args.batch}, context "
+          f"{args.prompt}..{args.prompt + args.steps}, 1 thread")
+    median = {label: statistics.median(times) for label, times in results.items()}
+    for label, seconds in median.items():
+        print(f"  {label:6s}: {seconds * 1e3:6.2f} ms/step  {args.batch / seconds:7.0f} tok/s")
+    print(f"  kernel / torch: {median['torch'] / median['kernel']:.2f}x the speed")
+
+
+if __name__ == "__main__":
+    main()
