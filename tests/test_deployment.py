@@ -116,13 +116,18 @@ def test_plan_without_checkpoint_checks_only_the_layout(good):
         load_deployment(bad, check_checkpoint=False)
 
 
-@pytest.mark.parametrize("name", ["tiny-local", "smollm2-local", "tiny-tp-local"])
-def test_committed_configs_are_valid_layouts(name):
+@pytest.mark.parametrize("name,layers", [("tiny-local", 8), ("smollm2-local", 30), ("tiny-tp-local", None)])
+def test_committed_configs_are_valid_layouts(name, layers):
+    """Two pipelines of different shapes; the local ones are the demo's embedded default, on fixed ports."""
     from pathlib import Path
+
+    from hexgen_zmq.demo import embedded_layout
 
     deployment = load_deployment(Path(__file__).parent.parent / "configs" / f"{name}.yaml", check_checkpoint=False)
     assert len(deployment.pipelines) == 2
-    assert {len(p.stages) for p in deployment.pipelines} == {2, 3}
+    assert len({len(p.stages) for p in deployment.pipelines}) == 2
+    if layers is not None:
+        assert [[s.layers for s in p.stages] for p in deployment.pipelines] == embedded_layout(layers)
 
 
 def test_config_missing_fields_is_named(tmp_path, good):
