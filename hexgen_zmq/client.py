@@ -156,8 +156,9 @@ class Client:
             patience = (request.timeout_s or DEFAULT_DEADLINE_S) + self.silence_s
             while True:
                 try:
-                    event = await asyncio.wait_for(entry.queue.get(), patience)
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(patience):  # no task per token, unlike wait_for
+                        event = await entry.queue.get()
+                except TimeoutError:
                     raise GenerationError("timeout", f"no answer from the broker at {self.address} "
                                                      f"for {patience:g} s") from None
                 if isinstance(event, ErrorEvent):

@@ -223,6 +223,7 @@ class StageModel(nn.Module):
         local.head_dim = info.head_dim
         local._attn_implementation = ATTENTION_NAME
         reader = CheckpointReader(info.path)
+        pack = kernels.packing_usable(device, dtype)  # float32 on a CPU: weights in oneDNN's layout, packed once
         self.layers = nn.ModuleList()
         for index in range(self.start, self.end):
             with torch.device("meta"):
@@ -232,6 +233,8 @@ class StageModel(nn.Module):
             if group is not None and shard.size > 1:
                 layer.self_attn.o_proj = RowParallel(layer.self_attn.o_proj, group)
                 layer.mlp.down_proj = RowParallel(layer.mlp.down_proj, group)
+            if pack:
+                kernels.pack_linears(layer)
             self.layers.append(layer)
         self.rotary = rotary_cls(config=config).to(device)
         self.embed = self.norm = self.lm_head = None
@@ -241,7 +244,11 @@ class StageModel(nn.Module):
             self.norm = norm_cls(info.hidden_size, eps=config.rms_norm_eps)
             self.norm.load_state_dict({"weight": self._cast1(reader.read("model.norm.weight"))}, assign=True)
             head = "lm_head.weight" if reader.has("lm_head.weight") and not info.tie_word_embeddings else "model.embed_tokens.weight"
-            self.lm_head_weight = self._cast1(reader.read(head))
+            weight = self._cast1(reader.read(head))
+            self.lm_head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+            self.lm_head.load_state_dict({"weight": weight}, assign=True)
+            if pack:
+                self.lm_head = kernels.PackedLinear(self.lm_head)
         self.bytes_loaded = reader.bytes_read
         reader.close()
         self.eval()
@@ -274,4 +281,4 @@ class StageModel(nn.Module):
         if not self.last:
             return hidden
         picked = self.norm(hidden.index_select(0, layout.sample_rows))
-        return F.linear(picked, self.lm_head_weight).float().cpu()  # sampling (and its generators) run on the CPU
+        return self.lm_head(picked).float().cpu()  # sampling (and its generators) run on the CPU

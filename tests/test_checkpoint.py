@@ -56,7 +56,10 @@ def test_tied_embeddings_feed_the_head(tied_model):
     assert "lm_head.weight" not in names
     model = build(tied_model, (4, 6), False, True)
     with safe_open(next(Path(tied_model).glob("*.safetensors")), framework="pt") as f:
-        assert torch.equal(model.lm_head_weight, f.get_tensor("model.embed_tokens.weight"))
+        embedding = f.get_tensor("model.embed_tokens.weight")
+    hidden = torch.randn(3, embedding.shape[1])
+    with torch.inference_mode():
+        torch.testing.assert_close(model.lm_head(hidden), hidden @ embedding.T, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("size", [2, 4])

@@ -1,8 +1,10 @@
-"""One stage's decode step on this CPU, with the C decode-attention kernel and with the torch path, side by side.
+"""One stage's decode step on this CPU with the fast paths of `hexgen_zmq.kernels` (C decode attention,
+oneDNN-packed linear layers) and with plain torch ops, side by side.
 
-Builds the embedded tiny model (8 layers x 256) in a temporary directory, runs all its layers as one stage
-on one thread, prefills a batch of requests and times decode steps of the whole batch, alternating the two
-attention paths so that both see the same machine. Prints ms per step, tokens/s and the ratio.
+Builds the embedded tiny model (8 layers x 256) in a temporary directory, loads all its layers as one stage
+twice (once with `HEXGEN_ZMQ_KERNELS=0`), on one thread, prefills a batch of requests and times decode steps
+of the whole batch, alternating the two so that both see the same machine. Prints ms per step, tokens/s and
+the ratio.
 
     python tools/bench_decode_step.py [--batch 16] [--prompt 64] [--steps 64]
 """
@@ -54,18 +56,23 @@ def main() -> None:
     args = parser.parse_args()
     if not kernels.enabled():
         raise SystemExit("the C kernel is not built (or HEXGEN_ZMQ_KERNELS=0): nothing to compare")
+    if not kernels.packing_usable(torch.device("cpu"), torch.float32):
+        print("(this torch has no oneDNN: linear layers stay unpacked in both)")
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         path = make_tiny_model(tmp)
         info = read_model_info(path)
-        model = StageModel(info, (0, info.num_layers), first=True, last=True, dtype=torch.float32,
-                           device=torch.device("cpu"), shard=ShardPlan.make(info, 0, 1))
-        worker = StageWorker(model, 4096, 16)
-        results: dict[str, list[float]] = {"kernel": [], "torch": []}
+        workers = {}
+        for label, switch in (("fast", "1"), ("torch", "0")):
+            os.environ["HEXGEN_ZMQ_KERNELS"] = switch
+            model = StageModel(info, (0, info.num_layers), first=True, last=True, dtype=torch.float32,
+                               device=torch.device("cpu"), shard=ShardPlan.make(info, 0, 1))
+            workers[label] = StageWorker(model, 4096, 16)
+        results: dict[str, list[float]] = {label: [] for label in workers}
         next_id = 0
         for _ in range(args.rounds):
-            for label in results:
-                os.environ["HEXGEN_ZMQ_KERNELS"] = "1" if label == "kernel" else "0"
+            for label, worker in workers.items():
+                os.environ["HEXGEN_ZMQ_KERNELS"] = "1" if label == "fast" else "0"
                 results[label] += decode_times(worker, args.batch, args.prompt, args.steps, next_id)
                 next_id += args.batch
         os.environ.pop("HEXGEN_ZMQ_KERNELS")
@@ -74,7 +81,7 @@ def main() -> None:
     median = {label: statistics.median(times) for label, times in results.items()}
     for label, seconds in median.items():
         print(f"  {label:6s}: {seconds * 1e3:6.2f} ms/step  {args.batch / seconds:7.0f} tok/s")
-    print(f"  kernel / torch: {median['torch'] / median['kernel']:.2f}x the speed")
+    print(f"  fast / torch: {median['torch'] / median['fast']:.2f}x the speed")
 
 
 if __name__ == "__main__":
