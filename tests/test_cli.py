@@ -28,6 +28,13 @@ def alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().split()[2] != "Z"
 
 
+def assert_gone(pids: list[int], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in pids)
+
+
 def start_up(config: Path) -> subprocess.Popen:
     process = subprocess.Popen([sys.executable, "-m", "hexgen_zmq.cli", "up", str(config), "--threads", "1"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -58,10 +65,7 @@ def test_up_serves_and_stops_cleanly_on_sigterm(tiny_model, tmp_path):
         assert asyncio.run(ask()).token_ids == hf_greedy(tiny_model, [3, 1, 4, 1, 5], 10)
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
-        deadline = time.monotonic() + 10
-        while any(alive(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(alive(p) for p in pids)
+        assert_gone(pids)
     finally:
         if process.poll() is None:
             process.kill()
@@ -104,10 +108,7 @@ def test_up_stopped_while_starting_leaves_no_process(tiny_model, tmp_path):
         _, err = process.communicate(timeout=30)  # returns once every child let go of the pipes too
         assert process.returncode == 0
         assert "stopped during start-up" in err
-        deadline = time.monotonic() + 10
-        while any(alive(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(alive(p) for p in pids)
+        assert_gone(pids)
     finally:
         if process.poll() is None:
             process.kill()
