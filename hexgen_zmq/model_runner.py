@@ -153,7 +153,7 @@ def paged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     q = query[0]  # [H, T, D]
     out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)  # [T, H, D]
     if layout.decode_rows is not None:
-        if kernels.usable(k_pool):  # reads the cache in place: no padded copy per step
+        if kernels.usable(k_pool) and q.stride(-1) == 1:  # reads the cache in place: no padded copy per step
             scale = scaling if scaling is not None else q.shape[-1] ** -0.5
             kernels.decode_attention(q, k_pool, v_pool, layout.decode_gather, layout.decode_lengths,
                                      layout.decode_rows, out, scale)
