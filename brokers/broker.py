@@ -1,8 +1,7 @@
 """The broker: `hexgen-zmq broker --config F`, the front door of a deployment.
 
 Clients talk to its ROUTER. It checks each request (tokenizing text and chat messages), admits it to the
-pipeline that would finish it soonest (requests in flight times its observed seconds per token,
-brokers/pace.py) among those whose KV budget can hold it (or queues it, up to a bound, then answers busy), and
+least-loaded pipeline whose KV budget can hold it (or queues it, up to a bound, then answers busy), and
 streams tokens back as the last stages report them. It is not on the per-token path between stages: the
 decode loop closes inside each pipeline. It enforces deadlines, cancels work of clients that cancel or go
 silent, watches stage heartbeats, and fails the requests of a pipeline that lost a stage with a clear error
@@ -21,7 +20,6 @@ from dataclasses import dataclass, field
 import zmq
 import zmq.asyncio
 
-from brokers.pace import Pace, expected_wait
 from hexgen_zmq.aio import run_until_first_failure
 from hexgen_zmq.block_manager import BLOCK_SIZE, blocks_for
 from hexgen_zmq.deployment import Deployment, DeploymentError, PipelineSpec, load_deployment
@@ -51,7 +49,6 @@ class PipelineState:
     in_flight: set[int] = field(default_factory=set)
     reserved_blocks: int = 0
     healthy: bool = True
-    pace: Pace = field(default_factory=Pace)
 
     @property
     def ready(self) -> bool:
@@ -221,18 +218,13 @@ class Broker:
             self.queue.append(request_id)
 
     def dispatch(self, request_id: int) -> bool:
-        """Send the request where it would finish soonest among the pipelines that can hold it (brokers/pace.py);
-        False when none can now."""
+        """Send the request to the least-loaded pipeline that can hold it; False when none can now."""
         request = self.requests[request_id]
         fits = [p for p in self.pipelines.values()
                 if p.ready and p.healthy and p.reserved_blocks + request.blocks <= p.capacity_blocks]
         if not fits:
             return False
-        paces = [p.pace for p in self.pipelines.values()]
-        state = min(fits, key=lambda p: (expected_wait(len(p.in_flight), p.pace, paces),
-                                         p.reserved_blocks / max(p.capacity_blocks, 1)))
-        if not state.in_flight:
-            state.pace.idle()
+        state = min(fits, key=lambda p: (len(p.in_flight), p.reserved_blocks / max(p.capacity_blocks, 1)))
         submit = Submit(request.submit.request_id, request.prompt, request.submit.params,
                         request.submit.eos_token_ids, request.submit.timeout_s, state.capacity_blocks)
         state.socket.send_multipart(encode_control(submit), copy=False)
@@ -278,10 +270,6 @@ class Broker:
                 self.forget(record.request_id, cancel=False)
         for client, events in by_client.items():
             self.to_client(client, events[0] if len(events) == 1 else TokenEvents(events))
-        if state := self.pipelines.get(message.pipeline_id):
-            state.pace.tokens(time.monotonic(), len(message.records))
-            if not state.in_flight:
-                state.pace.idle()
 
     def _seen(self, stage_id: str, capacity: int) -> None:
         pipeline = self.stage_pipeline.get(stage_id)
