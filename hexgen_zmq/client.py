@@ -5,9 +5,10 @@
     async for token_id in client.stream(prompt_ids=[1, 2, 3], max_new_tokens=8): ...
     await client.close()
 
-One task reads the DEALER socket and routes each event to its request's queue (errors travel through the
-same queue); another pings the broker while requests are open, so the broker can tell a client that went
-away from one that waits. Leaving a stream early, or cancelling the task, cancels the request.
+One task reads the DEALER socket and routes each event to its request: a stream's queue (errors travel
+through the same queue), or, for `generate`, the request's token list, waking the caller once at the end.
+Another pings the broker while requests are open, so the broker can tell a client that went away from one
+that waits. Leaving a stream early, or cancelling the task, cancels the request.
 """
 
 from __future__ import annotations
@@ -59,8 +60,28 @@ class GenerationResult:
 
 @dataclass
 class _Open:
+    """A request in flight. A stream gets every event through `queue`; a generate call (`collect`) has the
+    reader gather its tokens and wakes once, when `done` resolves: no task switch per token."""
+
+    collect: bool = False
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    final: TokenEvent | None = None
+    done: asyncio.Future | None = None
+    tokens: list[int] = field(default_factory=list)
+    first_at: float | None = None  # perf_counter() of the first token
+
+    def deliver(self, event: TokenEvent | ErrorEvent) -> None:
+        if not self.collect:
+            self.queue.put_nowait(event)
+        elif self.done.done():
+            return
+        elif isinstance(event, ErrorEvent):
+            self.done.set_exception(GenerationError(event.code, event.message))
+        else:
+            if self.first_at is None:
+                self.first_at = time.perf_counter()
+            self.tokens.extend(event.tokens)
+            if event.finished:
+                self.done.set_result(event)
 
 
 def _request(client_request_id: int, prompt_ids, prompt, messages, max_new_tokens, temperature, top_k, top_p, seed,
@@ -133,7 +154,7 @@ class Client:
                 if isinstance(event, (TokenEvent, ErrorEvent)):
                     entry = self._open.get(event.client_request_id)
                     if entry is not None:
-                        entry.queue.put_nowait(event)
+                        entry.deliver(event)
 
     async def _ping(self) -> None:
         while True:
@@ -147,32 +168,46 @@ class Client:
         await self._send(StatusRequest())
         return await asyncio.wait_for(self._status, timeout_s)
 
-    async def _events(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+    @contextlib.asynccontextmanager
+    async def _opened(self, request: GenerateRequest, entry: _Open):
+        """Register the request and send it; on the way out forget it, and cancel it at the broker unless it
+        ended (finished or failed there)."""
         request_id = request.client_request_id
-        entry = self._open[request_id] = _Open()
-        finished = False
+        self._open[request_id] = entry
+        ended = [False]
         try:
             await self._send(request)
-            patience = (request.timeout_s or DEFAULT_DEADLINE_S) + self.silence_s
+            yield ended
+        finally:
+            self._open.pop(request_id, None)
+            if not ended[0]:
+                with contextlib.suppress(zmq.ZMQError):
+                    self.socket.send_multipart(encode_control(CancelRequest(request_id)), flags=zmq.NOBLOCK)
+
+    def _patience(self, request: GenerateRequest) -> float:
+        """How long to wait for word from the broker: past the request's own deadline, it is gone."""
+        return (request.timeout_s or DEFAULT_DEADLINE_S) + self.silence_s
+
+    def _silent(self, patience: float) -> GenerationError:
+        return GenerationError("timeout", f"no answer from the broker at {self.address} for {patience:g} s")
+
+    async def _events(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        entry = _Open()
+        patience = self._patience(request)
+        async with self._opened(request, entry) as ended:
             while True:
                 try:
                     async with asyncio.timeout(patience):  # no task per token, unlike wait_for
                         event = await entry.queue.get()
                 except TimeoutError:
-                    raise GenerationError("timeout", f"no answer from the broker at {self.address} "
-                                                     f"for {patience:g} s") from None
+                    raise self._silent(patience) from None
                 if isinstance(event, ErrorEvent):
-                    finished = True
+                    ended[0] = True
                     raise GenerationError(event.code, event.message)
-                finished = event.finished
+                ended[0] = event.finished
                 yield event
-                if finished:
+                if event.finished:
                     return
-        finally:
-            self._open.pop(request_id, None)
-            if not finished:
-                with contextlib.suppress(zmq.ZMQError):
-                    self.socket.send_multipart(encode_control(CancelRequest(request_id)), flags=zmq.NOBLOCK)
 
     async def stream(self, prompt_ids: list[int] | None = None, prompt: str | None = None, *, messages=None,
                      max_new_tokens: int = 16, temperature: float = 0.0, top_k: int | None = None,
@@ -196,21 +231,22 @@ class Client:
         """Run a request to the end and return its tokens, text and timings."""
         request = _request(next(self._ids), prompt_ids, prompt, messages, max_new_tokens, temperature, top_k, top_p,
                            seed, stop_token_ids, timeout_s, ignore_eos)
+        entry = _Open(collect=True, done=asyncio.get_running_loop().create_future())
+        patience = self._patience(request)  # the broker ends every request by its deadline
         start = time.perf_counter()
-        ttft = None
-        tokens: list[int] = []
-        last = None
-        events = self._events(request)
-        try:
-            async for event in events:
-                if ttft is None:
-                    ttft = time.perf_counter() - start
-                tokens.extend(event.tokens)
-                last = event
-        finally:
-            await events.aclose()
+        async with self._opened(request, entry) as ended:
+            try:
+                async with asyncio.timeout(patience):
+                    last = await entry.done
+            except TimeoutError:
+                raise self._silent(patience) from None
+            except GenerationError:
+                ended[0] = True
+                raise
+            ended[0] = True
         total = time.perf_counter() - start
-        return GenerationResult(tokens, last.text, last.finish_reason, ttft, total, last.prompt_tokens, last.pipeline)
+        return GenerationResult(entry.tokens, last.text, last.finish_reason, entry.first_at - start, total,
+                                last.prompt_tokens, last.pipeline)
 
 
 class _Connecting:

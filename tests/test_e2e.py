@@ -184,6 +184,50 @@ async def test_a_silent_broker_is_an_error_not_a_hang():
         ctx.term()
 
 
+async def test_leaving_a_request_early_tells_the_broker_to_cancel_it():
+    """Cancelling a generate task, or leaving a stream after its first token, sends CancelRequest for it."""
+    import zmq.asyncio
+
+    from hexgen_zmq.messages import CancelRequest, GenerateRequest, TokenEvent, decode_control, encode_control
+    from hexgen_zmq.sockets import free_port
+
+    ctx = zmq.asyncio.Context()
+    router = ctx.socket(zmq.ROUTER)  # a broker that records what the client sends
+    address = f"tcp://127.0.0.1:{free_port()}"
+    router.bind(address)
+
+    async def next_message(kind):
+        while True:
+            identity, *frames = await asyncio.wait_for(router.recv_multipart(), 10)
+            message = decode_control(frames)
+            if isinstance(message, kind):
+                return identity, message
+
+    try:
+        async with Client.connect(address) as client:
+            task = asyncio.create_task(client.generate(prompt_ids=[1, 2], max_new_tokens=50))
+            identity, request = await next_message(GenerateRequest)
+            router.send_multipart([identity, *encode_control(TokenEvent(request.client_request_id, [7]))])
+            await asyncio.sleep(0.1)  # the token reaches the client, which keeps waiting for the rest
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            _, cancel = await next_message(CancelRequest)
+            assert cancel.client_request_id == request.client_request_id
+
+            stream = client.stream(prompt_ids=[1, 2], max_new_tokens=50)
+            first = asyncio.create_task(anext(stream))
+            identity, request = await next_message(GenerateRequest)
+            router.send_multipart([identity, *encode_control(TokenEvent(request.client_request_id, [9]))])
+            assert await asyncio.wait_for(first, 10) == 9
+            await stream.aclose()
+            _, cancel = await next_message(CancelRequest)
+            assert cancel.client_request_id == request.client_request_id
+    finally:
+        router.close(0)
+        ctx.term()
+
+
 def test_bench_reports_against_the_hf_baselines(deployment, tmp_path):
     import json
     import subprocess
