@@ -77,6 +77,18 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
                               scratch.data_ptr())
 
 
+EXACT_ROWS = 16  # up to this many rows (a decode batch) a packed layer computes exactly the rows it gets
+
+
+def bucket_rows(n: int) -> int:
+    """The row count a packed linear layer computes for n rows: n itself up to EXACT_ROWS, then n rounded up
+    to a quarter of its power of two (at most 25% padding, about 4 sizes per doubling)."""
+    if n <= EXACT_ROWS:
+        return n
+    step = 1 << (n.bit_length() - 3)
+    return -(-n // step) * step
+
+
 class PackedLinear(nn.Module):
     """An nn.Linear (of transformers' layers) with its weight in oneDNN's packed layout; the original is freed."""
 
@@ -87,7 +99,14 @@ class PackedLinear(nn.Module):
         self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        n = x.numel() // self.in_features
+        if n <= EXACT_ROWS:  # decode steps: as they come
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        # oneDNN builds a kernel per row count (~0.5 ms a layer): prompt chunks share a few padded sizes
+        padded = bucket_rows(n)
+        rows = F.pad(x.reshape(n, self.in_features), (0, 0, 0, padded - n))
+        out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")[:n]
+        return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed=oneDNN"

@@ -107,3 +107,22 @@ def test_stage_steps_agree_with_and_without_kernel(tiny_model, monkeypatch):
     without = run()
     for a, b in zip(with_kernel, without):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_linear_pads_to_few_row_counts_and_matches_linear():
+    from torch import nn
+
+    from hexgen_zmq.kernels import PackedLinear, bucket_rows, packing_usable
+
+    sizes = {bucket_rows(n) for n in range(1, 4097)}
+    assert len(sizes) <= 48 and all(n <= bucket_rows(n) <= max(n, 1.25 * n) for n in range(1, 4097))
+    if not packing_usable(torch.device("cpu"), torch.float32):
+        pytest.skip("this torch has no oneDNN")
+    linear = nn.Linear(32, 24)
+    packed = PackedLinear(linear)
+    with torch.inference_mode():
+        for rows in (1, 9, 13, 37, 130):
+            x = torch.randn(1, rows, 32)
+            torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-5)
+        x = torch.randn(5, 32)
+        torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-5)
