@@ -18,7 +18,8 @@ from pathlib import Path
 import zmq
 
 from hexgen_zmq.deployment import Deployment, load_deployment
-from hexgen_zmq.messages import BrokerReady, StageFailed, StageReady, WireError, decode_control
+from hexgen_zmq.messages import (BrokerReady, StageFailed, StageReady, StatusReply, StatusRequest, WireError,
+                                 decode_control, encode_control)
 from hexgen_zmq.sockets import CONTROL_MAX_BYTES, make_socket
 
 
@@ -98,12 +99,35 @@ class LocalDeployment:
                     waiting.discard(message.stage_id)
                 elif isinstance(message, StageFailed):
                     raise LaunchError(f"stage {message.stage_id} failed to start: {message.message}")
+            self._wait_until_broker_serves(ctx, deadline, stop_requested)
         except BaseException:
             self.stop()
             raise
         finally:
             notify.close(linger=0)
             ctx.term()
+
+    def _wait_until_broker_serves(self, ctx: zmq.Context, deadline: float, stop_requested: Callable[[], bool]) -> None:
+        """Every process said ready to us; wait until the broker has heard from every stage too, so that a
+        client connecting the moment start() returns is served, not told that no pipeline is ready."""
+        sock = make_socket(ctx, zmq.DEALER, connect=self.address, max_bytes=CONTROL_MAX_BYTES)
+        try:
+            while True:
+                if stop_requested():
+                    raise LaunchError("stopped during start-up")
+                if time.monotonic() > deadline:
+                    raise LaunchError("the broker did not see every pipeline ready in time")
+                sock.send_multipart(encode_control(StatusRequest()))
+                if sock.poll(200):
+                    try:
+                        reply = decode_control(sock.recv_multipart())
+                    except WireError:
+                        continue
+                    if isinstance(reply, StatusReply) and all(p.ready and p.healthy for p in reply.pipelines):
+                        return
+                time.sleep(0.05)
+        finally:
+            sock.close(linger=0)
 
     def _log_hint(self, name: str) -> str:
         child = next((c for c in self.children if c.name == name), None)
