@@ -60,17 +60,16 @@ class GenerationResult:
 
 @dataclass
 class _Open:
-    """A request in flight. A stream gets every event through `queue`; a generate call (`collect`) has the
-    reader gather its tokens and wakes once, when `done` resolves: no task switch per token."""
+    """A request in flight. A stream gets every event through `queue`; a generate call (with a `done` future)
+    has the reader gather its tokens and wakes once, when `done` resolves: no task switch per token."""
 
-    collect: bool = False
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     done: asyncio.Future | None = None
     tokens: list[int] = field(default_factory=list)
     first_at: float | None = None  # perf_counter() of the first token
 
     def deliver(self, event: TokenEvent | ErrorEvent) -> None:
-        if not self.collect:
+        if self.done is None:
             self.queue.put_nowait(event)
         elif self.done.done():
             return
@@ -231,7 +230,7 @@ class Client:
         """Run a request to the end and return its tokens, text and timings."""
         request = _request(next(self._ids), prompt_ids, prompt, messages, max_new_tokens, temperature, top_k, top_p,
                            seed, stop_token_ids, timeout_s, ignore_eos)
-        entry = _Open(collect=True, done=asyncio.get_running_loop().create_future())
+        entry = _Open(done=asyncio.get_running_loop().create_future())
         patience = self._patience(request)  # the broker ends every request by its deadline
         start = time.perf_counter()
         async with self._opened(request, entry) as ended:
