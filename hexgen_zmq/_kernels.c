@@ -27,6 +27,25 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return s;
 }
 
+/* exp(x) for x <= 0 (softmax after subtracting the maximum), within about 2 ulp of expf: x = n ln2 + r with
+ * |r| <= ln2 / 2, a degree-7 Taylor polynomial for exp(r), and 2^n built in the exponent bits. Unlike a libm
+ * call it has no branches, so the compiler vectorises the loops that call it. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x; /* exp(-87) ~ 1.6e-38: the smallest normal float, and n + 127 stays >= 1 */
+    const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+    const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
+    return p * scale.f;
+}
+
 /* q[t, h, :] at q + t * q_stride_t + h * q_stride_h; pools are [slots, kv_heads, head_dim] contiguous;
  * request b reads slots[b * slots_stride + l] for l < lengths[b] and writes out[rows[b], h, :]. scratch holds
  * heads * (max length + head_dim) floats. */
@@ -53,7 +72,7 @@ static void decode_attention(const float *q, int64_t q_stride_t, int64_t q_strid
             float *sh = scores + h * len, top = -INFINITY, sum = 0.0f;
             for (int64_t l = 0; l < len; l++) top = sh[l] > top ? sh[l] : top;
             for (int64_t l = 0; l < len; l++) {
-                sh[l] = expf(sh[l] - top);
+                sh[l] = exp_nonpositive(sh[l] - top);
                 sum += sh[l];
             }
             const float inv = 1.0f / sum;
