@@ -104,7 +104,9 @@ class PackedLinear(nn.Module):
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         # oneDNN builds a kernel per row count (~0.5 ms a layer): prompt chunks share a few padded sizes
         padded = bucket_rows(n)
-        rows = F.pad(x.reshape(n, self.in_features), (0, 0, 0, padded - n))
+        rows = x.reshape(n, self.in_features)
+        if padded > n:
+            rows = F.pad(rows, (0, 0, 0, padded - n))
         out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")[:n]
         return out.view(*x.shape[:-1], self.out_features)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Decoder families whose layers have the Llama layout (q/k/v/o projections, gate/up/down MLP, RMSNorm, RoPE)
-# and run through transformers' own modules.
+# built by transformers' own layer classes and run by hexgen_zmq.layers (tested per family in test_model_families).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 

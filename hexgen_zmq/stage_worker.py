@@ -7,7 +7,8 @@ import torch
 
 from hexgen_zmq.block_manager import BlockManager, CacheFull
 from hexgen_zmq.messages import MicroBatch, TokenRecord
-from hexgen_zmq.model_runner import SlotIndex, StageModel, build_layout
+from hexgen_zmq.attention import SlotIndex, build_layout
+from hexgen_zmq.model_runner import StageModel
 from hexgen_zmq.sampling import RequestSampler, sample
 
 
@@ -64,8 +65,7 @@ class StageWorker:
         if not batch.segments:  # only releases travel in this batch
             return [] if self.model.last else torch.empty(0, self.model.info.hidden_size, dtype=self.model.dtype)
         layout = build_layout(batch.segments, self.slots, self.model.device, self.pool.pad_slot)
-        layout.pool = self.pool
-        out = self.model(inputs, layout)
+        out = self.model(inputs, layout, self.pool)
         if not self.model.last:
             return out
         sampled = [seg.request_id for seg in batch.segments if seg.sample and seg.n_tokens]
