@@ -1,8 +1,9 @@
 """The broker: `hexgen-zmq broker --config F`, the front door of a deployment.
 
-Clients talk to its ROUTER. It checks each request (tokenizing text and chat messages), admits it to the
-least-loaded pipeline whose KV budget can hold it (or queues it, up to a bound, then answers busy), and
-streams tokens back as the last stages report them. It is not on the per-token path between stages: the
+Clients talk to its ROUTER. It checks each request (tokenizing text and chat messages), admits it to a
+pipeline whose KV budget can hold it, the one where it would get its tokens fastest (each pipeline's observed
+pace between tokens, scaled by its load), or queues it, up to a bound, then answers busy; and it streams
+tokens back as the last stages report them. It is not on the per-token path between stages: the
 decode loop closes inside each pipeline. It enforces deadlines, cancels work of clients that cancel or go
 silent, watches stage heartbeats, and fails the requests of a pipeline that lost a stage with a clear error
 while the other pipelines keep serving.
@@ -31,6 +32,7 @@ from hexgen_zmq.sockets import CONTROL_MAX_BYTES, make_socket
 
 log = logging.getLogger("broker")
 TICK_S = 0.05
+PACE_WEIGHT = 0.2  # of each step's new sample in a pipeline's pace (about the last 5 steps count)
 
 
 class RequestError(ValueError):
@@ -49,6 +51,23 @@ class PipelineState:
     in_flight: set[int] = field(default_factory=set)
     reserved_blocks: int = 0
     healthy: bool = True
+    pace_s: float | None = None  # seconds between two tokens of one request here (moving average)
+    pace_load: float = 1.0  # requests in flight while that pace was seen (same average)
+
+    def observe_pace(self, seconds: float, load: int) -> None:
+        """One step's tokens came back: `seconds` since the previous token of the same requests, on average."""
+        if self.pace_s is None:
+            self.pace_s, self.pace_load = seconds, float(max(load, 1))
+        else:
+            self.pace_s += PACE_WEIGHT * (seconds - self.pace_s)
+            self.pace_load += PACE_WEIGHT * (max(load, 1) - self.pace_load)
+
+    def expected_pace_s(self) -> float:
+        """The pace a request joining now would see, taking time per step as proportional to the requests in
+        flight. That overstates what one more request costs a lightly loaded pipeline, so it errs towards
+        spreading requests out; but it follows the load as soon as requests come or go, before any step has
+        shown the change, and a faster pipeline ends up holding more requests than a slower one."""
+        return (self.pace_s or 0.0) * (len(self.in_flight) + 1) / self.pace_load
 
     @property
     def ready(self) -> bool:
@@ -76,6 +95,7 @@ class InFlight:
     blocks: int
     pipeline: str | None = None
     tokens: list[int] = field(default_factory=list)
+    last_token_at: float | None = None
 
 
 class Broker:
@@ -218,13 +238,13 @@ class Broker:
             self.queue.append(request_id)
 
     def dispatch(self, request_id: int) -> bool:
-        """Send the request to the least-loaded pipeline that can hold it; False when none can now."""
+        """Send the request to the pipeline that can hold it and would serve it fastest; False when none can now."""
         request = self.requests[request_id]
         fits = [p for p in self.pipelines.values()
                 if p.ready and p.healthy and p.reserved_blocks + request.blocks <= p.capacity_blocks]
         if not fits:
             return False
-        state = min(fits, key=lambda p: (len(p.in_flight), p.reserved_blocks / max(p.capacity_blocks, 1)))
+        state = min(fits, key=self.dispatch_order(fits))
         submit = Submit(request.submit.request_id, request.prompt, request.submit.params,
                         request.submit.eos_token_ids, request.submit.timeout_s, state.capacity_blocks)
         state.socket.send_multipart(encode_control(submit), copy=False)
@@ -232,6 +252,17 @@ class Broker:
         state.reserved_blocks += request.blocks
         request.pipeline = state.spec.id
         return True
+
+    @staticmethod
+    def dispatch_order(candidates: list[PipelineState]):
+        """Sort key among pipelines that can hold a request: the pace it would see (the pipelines' speeds
+        differ), then the fewest requests in flight. Until every candidate has shown its pace, only the
+        count: a pipeline not yet measured would otherwise look infinitely fast and take everything."""
+        paced = all(p.pace_s is not None for p in candidates)
+
+        def key(p: PipelineState) -> tuple:
+            return (p.expected_pace_s() if paced else 0.0, len(p.in_flight), p.reserved_blocks / max(p.capacity_blocks, 1))
+        return key
 
     def on_cancel_request(self, client: bytes, message: CancelRequest) -> None:
         request_id = self.by_client.get((client, message.client_request_id))
@@ -251,10 +282,17 @@ class Broker:
     def on_tokens(self, message: Tokens) -> None:
         """Stream one step's tokens: one message per client, however many of its requests moved."""
         by_client: dict[bytes, list[TokenEvent]] = {}
+        now = time.monotonic()
+        gaps: list[float] = []
+        state = self.pipelines.get(message.pipeline_id)
+        load = len(state.in_flight) if state is not None else 0
         for record in message.records:
             request = self.requests.get(record.request_id)
             if request is None or request.pipeline != message.pipeline_id:
                 continue
+            if request.last_token_at is not None:
+                gaps.append(now - request.last_token_at)
+            request.last_token_at = now
             if record.token < 0:
                 self.fail(record.request_id, "stage_failed", record.reason or "a stage rejected the request")
                 continue
@@ -270,6 +308,8 @@ class Broker:
                 self.forget(record.request_id, cancel=False)
         for client, events in by_client.items():
             self.to_client(client, events[0] if len(events) == 1 else TokenEvents(events))
+        if gaps:
+            state.observe_pace(sum(gaps) / len(gaps), load)
 
     def _seen(self, stage_id: str, capacity: int) -> None:
         pipeline = self.stage_pipeline.get(stage_id)

@@ -1,7 +1,8 @@
-"""Discrete-event simulation of a plan under Poisson arrivals, dispatched as the broker does.
+"""Discrete-event simulation of a plan under Poisson arrivals.
 
 Each request goes, on arrival, to the least-loaded pipeline (requests in flight relative to the pipeline's
-capacity). A pipeline runs up to `max_batch` requests at once (continuous batching) and queues the rest.
+capacity). The broker itself goes by each pipeline's observed pace between tokens scaled by its load, which
+also sends more requests to the faster pipelines; this model of it is simpler. A pipeline runs up to `max_batch` requests at once (continuous batching) and queues the rest.
 Between events its batch is constant, so decoding advances as a fluid: every request in flight gains one
 token per `step_times[b]` seconds. Admitting a request lengthens decoding by its prompt's marginal cost
 (`Timing.busy`: with chunked prefill the prompt's chunks share steps, and weight reads, with the decode
