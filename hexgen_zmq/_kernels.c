@@ -46,50 +46,66 @@ static inline float exp_nonpositive(float x) {
     return p * scale.f;
 }
 
+/* One request: its query row qt (heads of q_stride_h floats apart) attends to the `len` cache rows at slots
+ * sl[0..len) and writes out_row. Inlined with head_dim a constant (32, 64, 128) so the compiler unrolls the
+ * per-head loops into whole vector registers. */
+static inline __attribute__((always_inline)) void attend_one(
+        const float *qt, int64_t q_stride_h, const float *k_pool, const float *v_pool, const int64_t *sl,
+        int64_t len, float *out_row, int64_t heads, int64_t kv_heads, const int64_t head_dim, float scale,
+        float *scratch) {
+    const int64_t group = heads / kv_heads;
+    const int64_t row_stride = kv_heads * head_dim;
+    float *scores = scratch;            /* [heads, len] */
+    float *acc = scratch + heads * len; /* [heads, head_dim] */
+    for (int64_t l = 0; l < len; l++) { /* one pass over the keys: each row serves every head */
+        const float *krow = k_pool + sl[l] * row_stride;
+        for (int64_t h = 0; h < heads; h++)
+            scores[h * len + l] = dot(qt + h * q_stride_h, krow + (h / group) * head_dim, head_dim) * scale;
+    }
+    for (int64_t h = 0; h < heads; h++) {
+        float *sh = scores + h * len, top = -INFINITY, sum = 0.0f;
+        for (int64_t l = 0; l < len; l++) top = sh[l] > top ? sh[l] : top;
+        for (int64_t l = 0; l < len; l++) {
+            sh[l] = exp_nonpositive(sh[l] - top);
+            sum += sh[l];
+        }
+        const float inv = 1.0f / sum;
+        for (int64_t l = 0; l < len; l++) sh[l] *= inv;
+    }
+    memset(acc, 0, sizeof(float) * heads * head_dim);
+    for (int64_t l = 0; l < len; l++) { /* one pass over the values */
+        const float *vrow = v_pool + sl[l] * row_stride;
+        for (int64_t h = 0; h < heads; h++) {
+            const float p = scores[h * len + l];
+            const float *vp = vrow + (h / group) * head_dim;
+            float *ah = acc + h * head_dim;
+            for (int64_t d = 0; d < head_dim; d++) ah[d] += p * vp[d];
+        }
+    }
+    memcpy(out_row, acc, sizeof(float) * heads * head_dim);
+}
+
 /* q[t, h, :] at q + t * q_stride_t + h * q_stride_h; pools are [slots, kv_heads, head_dim] contiguous;
- * request b reads slots[b * slots_stride + l] for l < lengths[b] and writes out[rows[b], h, :]. scratch holds
- * heads * (max length + head_dim) floats. */
+ * request b reads slots[b * slots_stride + l] for l < lengths[b] and writes out[rows[b], h, :] (a row of
+ * out holds all heads contiguously). scratch holds heads * (max length + head_dim) floats. */
 MULTIVERSION
 static void decode_attention(const float *q, int64_t q_stride_t, int64_t q_stride_h, const float *k_pool,
                              const float *v_pool, const int64_t *slots, int64_t slots_stride,
                              const int64_t *lengths, const int64_t *rows, float *out, int64_t out_stride_t,
                              int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim, float scale,
                              float *scratch) {
-    const int64_t group = heads / kv_heads;
-    const int64_t row_stride = kv_heads * head_dim;
     for (int64_t b = 0; b < batch; b++) {
-        const int64_t len = lengths[b];
-        const int64_t *sl = slots + b * slots_stride;
         const float *qt = q + rows[b] * q_stride_t;
-        float *scores = scratch;            /* [heads, len] */
-        float *acc = scratch + heads * len; /* [heads, head_dim] */
-        for (int64_t l = 0; l < len; l++) { /* one pass over the keys: each row serves every head */
-            const float *krow = k_pool + sl[l] * row_stride;
-            for (int64_t h = 0; h < heads; h++)
-                scores[h * len + l] = dot(qt + h * q_stride_h, krow + (h / group) * head_dim, head_dim) * scale;
+        const int64_t *sl = slots + b * slots_stride;
+        float *out_row = out + rows[b] * out_stride_t;
+#define ATTEND(D) attend_one(qt, q_stride_h, k_pool, v_pool, sl, lengths[b], out_row, heads, kv_heads, D, scale, scratch)
+        switch (head_dim) {
+            case 32: ATTEND(32); break;
+            case 64: ATTEND(64); break;
+            case 128: ATTEND(128); break;
+            default: ATTEND(head_dim);
         }
-        for (int64_t h = 0; h < heads; h++) {
-            float *sh = scores + h * len, top = -INFINITY, sum = 0.0f;
-            for (int64_t l = 0; l < len; l++) top = sh[l] > top ? sh[l] : top;
-            for (int64_t l = 0; l < len; l++) {
-                sh[l] = exp_nonpositive(sh[l] - top);
-                sum += sh[l];
-            }
-            const float inv = 1.0f / sum;
-            for (int64_t l = 0; l < len; l++) sh[l] *= inv;
-        }
-        memset(acc, 0, sizeof(float) * heads * head_dim);
-        for (int64_t l = 0; l < len; l++) { /* one pass over the values */
-            const float *vrow = v_pool + sl[l] * row_stride;
-            for (int64_t h = 0; h < heads; h++) {
-                const float p = scores[h * len + l];
-                const float *vp = vrow + (h / group) * head_dim;
-                float *ah = acc + h * head_dim;
-                for (int64_t d = 0; d < head_dim; d++) ah[d] += p * vp[d];
-            }
-        }
-        for (int64_t h = 0; h < heads; h++)
-            memcpy(out + rows[b] * out_stride_t + h * head_dim, acc + h * head_dim, sizeof(float) * head_dim);
+#undef ATTEND
     }
 }
 

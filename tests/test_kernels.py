@@ -36,7 +36,7 @@ def reference(q, k_pool, v_pool, gather, lengths, rows, scale):
 
 
 @needs_kernel
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 4, 32), (9, 3, 64), (4, 4, 24), (6, 1, 8)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 4, 32), (9, 3, 64), (16, 2, 128), (4, 4, 24), (6, 1, 8)])
 def test_decode_attention_matches_sdpa(heads, kv_heads, head_dim):
     gen = torch.Generator().manual_seed(heads * 100 + head_dim)
     slots, tokens = 300, 7
