@@ -31,12 +31,18 @@ class BatchLayout:
 
     positions: torch.Tensor  # [1, T]
     write_slots: torch.Tensor  # [T] cache slot of each new token
-    decode_rows: torch.Tensor | None  # [B] rows of one-token segments
-    decode_gather: torch.Tensor | None  # [B, L] their cache slots, padded
-    decode_mask: torch.Tensor | None  # [B, 1, 1, L] True where a slot is real
-    decode_lengths: torch.Tensor | None  # [B] real slots of each row
+    decode: kernels.DecodeIndex | None  # the one-token segments: their rows and cache slots (padded)
     prefills: list[PrefillChunk]
     sample_rows: torch.Tensor  # [S] rows whose logits pick a token
+    _decode_mask: torch.Tensor | None = None
+
+    def decode_mask(self) -> torch.Tensor:
+        """[B, 1, 1, L], True where a decode row's padded slot is real (for the torch path only)."""
+        if self._decode_mask is None:
+            gather, lengths = self.decode.gather, self.decode.lengths
+            real = torch.arange(gather.shape[1], device=gather.device) < lengths.unsqueeze(1)
+            self._decode_mask = real.view(gather.shape[0], 1, 1, gather.shape[1])
+        return self._decode_mask
 
 
 class SlotIndex:
@@ -88,24 +94,18 @@ def build_layout(segments: list[Segment], index: SlotIndex, device: torch.device
         if seg.sample and seg.n_tokens:
             sample_rows.append(row + seg.n_tokens - 1)
         row += seg.n_tokens
-    layout = BatchLayout(
+    decode = None
+    if decode_rows:
+        gather = torch.nn.utils.rnn.pad_sequence(decode_slots, batch_first=True, padding_value=pad_slot)
+        lengths = torch.tensor([s.numel() for s in decode_slots], device=device)
+        decode = kernels.DecodeIndex(gather, lengths, torch.tensor(decode_rows, device=device))
+    return BatchLayout(
         positions=torch.tensor([positions], dtype=torch.long, device=device),
         write_slots=torch.cat(write_slots) if write_slots else torch.empty(0, dtype=torch.long, device=device),
-        decode_rows=None,
-        decode_gather=None,
-        decode_mask=None,
-        decode_lengths=None,
+        decode=decode,
         prefills=prefills,
         sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
     )
-    if decode_rows:
-        lengths = torch.tensor([s.numel() for s in decode_slots], device=device)
-        layout.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=device)
-        layout.decode_gather = torch.nn.utils.rnn.pad_sequence(decode_slots, batch_first=True, padding_value=pad_slot)
-        longest = layout.decode_gather.shape[1]
-        layout.decode_lengths = lengths
-        layout.decode_mask = (torch.arange(longest, device=device) < lengths.unsqueeze(1)).view(len(decode_rows), 1, 1, longest)
-    return layout
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
@@ -115,21 +115,21 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: t
     k_pool.index_copy_(0, layout.write_slots, k)
     v_pool.index_copy_(0, layout.write_slots, v)
     out = q.new_empty(q.shape)
-    if layout.decode_rows is not None:
+    if layout.decode is not None:
         if kernels.usable(k_pool):  # reads the cache in place: no padded copy per step
-            kernels.decode_attention(q.transpose(0, 1), k_pool, v_pool, layout.decode_gather, layout.decode_lengths,
-                                     layout.decode_rows, out, scale)
+            kernels.decode_attention(q.transpose(0, 1), k_pool, v_pool, layout.decode, out, scale)
         else:
-            b, length = layout.decode_gather.shape
-            flat = layout.decode_gather.view(-1)  # index_select is several times faster than advanced indexing
+            gather, rows = layout.decode.gather, layout.decode.rows
+            b, length = gather.shape
+            flat = gather.view(-1)  # index_select is several times faster than advanced indexing
             kd = k_pool.index_select(0, flat).view(b, length, *k_pool.shape[1:]).transpose(1, 2)  # [B, KV, L, D]
             vd = v_pool.index_select(0, flat).view(b, length, *v_pool.shape[1:]).transpose(1, 2)
             all_decode = not layout.prefills  # then the decode rows are the whole batch, in order
-            qd = (q if all_decode else q.index_select(0, layout.decode_rows)).unsqueeze(2)  # [B, H, 1, D]
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=layout.decode_mask, scale=scale, enable_gqa=True)
+            qd = (q if all_decode else q.index_select(0, rows)).unsqueeze(2)  # [B, H, 1, D]
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=layout.decode_mask(), scale=scale, enable_gqa=True)
             if all_decode:
                 return od[:, :, 0]
-            out[layout.decode_rows] = od[:, :, 0]
+            out[rows] = od[:, :, 0]
     for chunk in layout.prefills:
         qp = q[chunk.rows].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
         kp = k_pool.index_select(0, chunk.gather).transpose(0, 1).unsqueeze(0)  # [1, KV, L, D]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -44,37 +45,66 @@ def usable(pool: torch.Tensor) -> bool:
     return enabled() and pool.device.type == "cpu" and pool.dtype == torch.float32
 
 
-def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, gather: torch.Tensor,
-                     lengths: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, scale: float) -> None:
+@dataclass
+class DecodeIndex:
+    """Which cache slots each decode row of a step reads: row rows[b] attends to slots gather[b, :lengths[b]].
+    Built once per step and shared by every layer, so the kernel checks it once (`check`), not per layer."""
+
+    gather: torch.Tensor  # [B, L] int64, contiguous, padded
+    lengths: torch.Tensor  # [B] int64
+    rows: torch.Tensor  # [B] int64
+    _checked: tuple[int, int] | None = None  # (tokens, 1 + highest slot) once checked
+
+    def check(self, tokens: int) -> int:
+        """Raise ValueError unless the index is safe for the kernel over `tokens` rows; returns how many slots
+        a pool needs (1 + the highest slot read)."""
+        if self._checked is not None and self._checked[0] == tokens:
+            return self._checked[1]
+        for name, tensor in (("gather", self.gather), ("lengths", self.lengths), ("rows", self.rows)):
+            if tensor.dtype != torch.int64 or not tensor.is_contiguous() or tensor.device.type != "cpu":
+                raise ValueError(f"decode_attention: {name} must be contiguous int64 on the CPU")
+        batch, longest = self.gather.shape
+        if self.lengths.shape != (batch,) or self.rows.shape != (batch,):
+            raise ValueError("decode_attention: gather, lengths and rows disagree on the batch size")
+        slots_needed = 0
+        if batch:
+            lengths, rows = self.lengths, self.rows
+            if int(lengths.min()) < 1 or int(lengths.max()) > longest or int(rows.min()) < 0 or int(rows.max()) >= tokens:
+                raise ValueError("decode_attention: a length or row is out of range")
+            low, high = torch.aminmax(self.gather)
+            if int(low) < 0:
+                raise ValueError("decode_attention: a slot is out of range")
+            slots_needed = int(high) + 1
+        self._checked = (tokens, slots_needed)
+        return slots_needed
+
+
+def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, index: DecodeIndex,
+                     out: torch.Tensor, scale: float) -> None:
     """out[rows[b]] = attention of q[:, rows[b]] over the pool slots gather[b, :lengths[b]], for every b.
 
-    q [H, T, D] (any strides with a unit last one), pools [slots, KV, D] contiguous, gather [B, L],
-    lengths and rows [B] (int64), out [T, H, D] contiguous float32."""
+    q [H, T, D] (any strides with a unit last one), pools [slots, KV, D] contiguous, out [T, H, D] contiguous
+    float32."""
     heads, tokens, head_dim = q.shape
     kv_heads = k_pool.shape[1]
-    batch, longest = gather.shape
     for name, tensor in (("q", q), ("k_pool", k_pool), ("v_pool", v_pool), ("out", out)):
         if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
             raise ValueError(f"decode_attention: {name} must be float32 on the CPU, not {tensor.dtype} {tensor.device}")
-    for name, tensor in (("gather", gather), ("lengths", lengths), ("rows", rows)):
-        if tensor.dtype != torch.int64 or not tensor.is_contiguous():
-            raise ValueError(f"decode_attention: {name} must be contiguous int64")
     if (k_pool.shape != v_pool.shape or k_pool.dim() != 3 or k_pool.shape[2] != head_dim or heads % kv_heads
             or not (k_pool.is_contiguous() and v_pool.is_contiguous())):
         raise ValueError(f"decode_attention: pools {list(k_pool.shape)} do not fit query heads {heads} x {head_dim}")
     if q.stride(2) != 1 or out.shape != (tokens, heads, head_dim) or not out.is_contiguous():
         raise ValueError("decode_attention: q needs a unit last stride and out the shape [T, H, D], contiguous")
-    if lengths.shape != (batch,) or rows.shape != (batch,):
-        raise ValueError("decode_attention: gather, lengths and rows disagree on the batch size")
+    if index.check(tokens) > k_pool.shape[0]:
+        raise ValueError("decode_attention: a slot is out of range of the pool")
+    batch, longest = index.gather.shape
     if batch == 0:
         return
-    if int(lengths.min()) < 1 or int(lengths.max()) > longest or int(rows.min()) < 0 or int(rows.max()) >= tokens:
-        raise ValueError("decode_attention: a length or row is out of range")
     scratch = torch.empty(heads * (longest + head_dim), dtype=torch.float32)
     _kernels.decode_attention(q.data_ptr(), q.stride(1), q.stride(0), k_pool.data_ptr(), v_pool.data_ptr(),
-                              gather.data_ptr(), gather.stride(0), lengths.data_ptr(), rows.data_ptr(),
-                              out.data_ptr(), out.stride(0), batch, heads, kv_heads, head_dim, float(scale),
-                              scratch.data_ptr())
+                              index.gather.data_ptr(), index.gather.stride(0), index.lengths.data_ptr(),
+                              index.rows.data_ptr(), out.data_ptr(), out.stride(0), batch, heads, kv_heads, head_dim,
+                              float(scale), scratch.data_ptr())
 
 
 EXACT_ROWS = 16  # up to this many rows (a decode batch) a packed layer computes exactly the rows it gets

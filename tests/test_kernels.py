@@ -50,7 +50,7 @@ def test_decode_attention_matches_sdpa(heads, kv_heads, head_dim):
     rows = torch.tensor([6, 0, 3, 2])  # decode rows among prompt rows, out of order
     out = torch.full((tokens, heads, head_dim), 7.0)
     scale = head_dim**-0.5
-    kernels.decode_attention(q, k_pool, v_pool, gather, lengths, rows, out, scale)
+    kernels.decode_attention(q, k_pool, v_pool, kernels.DecodeIndex(gather, lengths, rows), out, scale)
     for row, expected in reference(q, k_pool, v_pool, gather, lengths, rows, scale).items():
         torch.testing.assert_close(out[row], expected, rtol=1e-5, atol=1e-5)
     untouched = [t for t in range(tokens) if t not in rows.tolist()]
@@ -62,14 +62,17 @@ def test_decode_attention_rejects_what_it_cannot_run():
     pool = torch.zeros(16, 2, 8)
     q, out = torch.zeros(4, 1, 8), torch.zeros(1, 4, 8)
     gather, lengths, rows = torch.zeros(1, 3, dtype=torch.long), torch.tensor([3]), torch.tensor([0])
-    with pytest.raises(ValueError, match="float32"):
-        kernels.decode_attention(q.half(), pool, pool, gather, lengths, rows, out, 1.0)
-    with pytest.raises(ValueError, match="out of range"):
-        kernels.decode_attention(q, pool, pool, gather, torch.tensor([4]), rows, out, 1.0)
-    with pytest.raises(ValueError, match="out of range"):
-        kernels.decode_attention(q, pool, pool, gather, lengths, torch.tensor([1]), out, 1.0)
-    with pytest.raises(ValueError, match="int64"):
-        kernels.decode_attention(q, pool, pool, gather.int(), lengths, rows, out, 1.0)
+    bad = {
+        "float32": (q.half(), kernels.DecodeIndex(gather, lengths, rows)),
+        "out of range": (q, kernels.DecodeIndex(gather, torch.tensor([4]), rows)),
+        "out of range ": (q, kernels.DecodeIndex(gather, lengths, torch.tensor([1]))),
+        "slot is out of range": (q, kernels.DecodeIndex(torch.full((1, 3), -1), lengths, rows)),
+        "of the pool": (q, kernels.DecodeIndex(torch.tensor([[0, 1, 16]]), lengths, rows)),  # a 16-slot pool
+        "int64": (q, kernels.DecodeIndex(gather.int(), lengths, rows)),
+    }
+    for match, (query, index) in bad.items():
+        with pytest.raises(ValueError, match=match.strip()):
+            kernels.decode_attention(query, pool, pool, index, out, 1.0)
 
 
 @needs_kernel
