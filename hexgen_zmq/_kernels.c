@@ -1,4 +1,8 @@
-/* Paged decode attention for CPU stages: one query token per request attends to its cached keys and values
+/* CPU fast paths of a float32 stage: paged decode attention, and the small per-layer ops around the matrix
+ * products (RMSNorm, silu(gate) * up, rotary embedding with the KV-cache write), each one pass over its rows
+ * instead of several torch ops.
+ *
+ * Paged decode attention: one query token per request attends to its cached keys and values
  * straight from the KV pool, through its slot table, without gathering them into a padded copy first.
  *
  * On a CPU the decode step is bound by memory traffic. The torch path gathers every request's keys and
@@ -27,11 +31,11 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return s;
 }
 
-/* exp(x) for x <= 0 (softmax after subtracting the maximum), within about 2 ulp of expf: x = n ln2 + r with
- * |r| <= ln2 / 2, a degree-7 Taylor polynomial for exp(r), and 2^n built in the exponent bits. Unlike a libm
- * call it has no branches, so the compiler vectorises the loops that call it. */
-static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x; /* exp(-87) ~ 1.6e-38: the smallest normal float, and n + 127 stays >= 1 */
+/* exp(x), within about 2 ulp of expf, for x clamped to [-87, 88] (where float32 exp stays normal and finite):
+ * x = n ln2 + r with |r| <= ln2 / 2, a degree-7 Taylor polynomial for exp(r), and 2^n built in the exponent
+ * bits. Unlike a libm call it has no branches, so the compiler vectorises the loops that call it. */
+static inline float exp_clamped(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
     const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
     const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;
     float p = 1.0f / 5040.0f;
@@ -66,7 +70,7 @@ static inline __attribute__((always_inline)) void attend_one(
         float *sh = scores + h * len, top = -INFINITY, sum = 0.0f;
         for (int64_t l = 0; l < len; l++) top = sh[l] > top ? sh[l] : top;
         for (int64_t l = 0; l < len; l++) {
-            sh[l] = exp_nonpositive(sh[l] - top);
+            sh[l] = exp_clamped(sh[l] - top);
             sum += sh[l];
         }
         const float inv = 1.0f / sum;
@@ -109,6 +113,88 @@ static void decode_attention(const float *q, int64_t q_stride_t, int64_t q_strid
     }
 }
 
+/* out[r, :] = w * (x[r, :] / sqrt(mean(x[r, :]^2) + eps)), transformers' RMSNorm in float32. */
+MULTIVERSION
+static void rms_norm(const float *x, int64_t rows, int64_t dim, int64_t x_stride, const float *w, float eps,
+                     float *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * x_stride;
+        float *o = out + r * dim, squares = 0.0f;
+        for (int64_t i = 0; i < dim; i++) squares += xr[i] * xr[i];
+        const float inv = 1.0f / sqrtf(squares / (float)dim + eps);
+        for (int64_t i = 0; i < dim; i++) o[i] = w[i] * (xr[i] * inv);
+    }
+}
+
+/* out[r, i] = silu(gu[r, i]) * gu[r, inter + i]: the gate and up halves of a fused gate/up projection. */
+MULTIVERSION
+static void silu_mul(const float *gu, int64_t rows, int64_t inter, int64_t gu_stride, float *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = gu + r * gu_stride, *u = g + inter;
+        float *o = out + r * inter;
+        for (int64_t i = 0; i < inter; i++) o[i] = g[i] / (1.0f + exp_clamped(-g[i])) * u[i];
+    }
+}
+
+/* y = x * cos + rotate_half(x) * sin over one head, rotate_half(x) = (-x[half:], x[:half]). */
+static inline void rotate_into(const float *x, const float *c, const float *s, float *y, int64_t half) {
+    for (int64_t i = 0; i < half; i++) y[i] = x[i] * c[i] - x[i + half] * s[i];
+    for (int64_t i = 0; i < half; i++) y[i + half] = x[i + half] * c[i + half] + x[i] * s[i + half];
+}
+
+/* qkv [tokens, q_heads + 2 kv_heads, D] (rows qkv_stride floats apart), cos and sin [tokens, D]: rotates the
+ * q heads into q_out [tokens, q_heads, D], and writes each token's rotated k heads and its v heads into the
+ * pools' slot slots[t] ([slots, kv_heads, D] each). */
+MULTIVERSION
+static void rope_store(const float *qkv, int64_t tokens, int64_t qkv_stride, int64_t q_heads, int64_t kv_heads,
+                       int64_t head_dim, const float *cos, const float *sin, float *k_pool, float *v_pool,
+                       const int64_t *slots, float *q_out) {
+    const int64_t half = head_dim / 2, kv_row = kv_heads * head_dim;
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *row = qkv + t * qkv_stride, *c = cos + t * head_dim, *s = sin + t * head_dim;
+        for (int64_t h = 0; h < q_heads; h++)
+            rotate_into(row + h * head_dim, c, s, q_out + (t * q_heads + h) * head_dim, half);
+        float *k = k_pool + slots[t] * kv_row;
+        for (int64_t g = 0; g < kv_heads; g++)
+            rotate_into(row + (q_heads + g) * head_dim, c, s, k + g * head_dim, half);
+        memcpy(v_pool + slots[t] * kv_row, row + (q_heads + kv_heads) * head_dim, sizeof(float) * kv_row);
+    }
+}
+
+static PyObject *py_rms_norm(PyObject *self, PyObject *args) {
+    unsigned long long x, w, out;
+    long long rows, dim, x_stride;
+    double eps;
+    if (!PyArg_ParseTuple(args, "KLLLKdK", &x, &rows, &dim, &x_stride, &w, &eps, &out)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rms_norm((const float *)x, rows, dim, x_stride, (const float *)w, (float)eps, (float *)out);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_silu_mul(PyObject *self, PyObject *args) {
+    unsigned long long gu, out;
+    long long rows, inter, gu_stride;
+    if (!PyArg_ParseTuple(args, "KLLLK", &gu, &rows, &inter, &gu_stride, &out)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    silu_mul((const float *)gu, rows, inter, gu_stride, (float *)out);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_rope_store(PyObject *self, PyObject *args) {
+    unsigned long long qkv, cos, sin, k_pool, v_pool, slots, q_out;
+    long long tokens, qkv_stride, q_heads, kv_heads, head_dim;
+    if (!PyArg_ParseTuple(args, "KLLLLLKKKKKK", &qkv, &tokens, &qkv_stride, &q_heads, &kv_heads, &head_dim, &cos,
+                          &sin, &k_pool, &v_pool, &slots, &q_out))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rope_store((const float *)qkv, tokens, qkv_stride, q_heads, kv_heads, head_dim, (const float *)cos,
+               (const float *)sin, (float *)k_pool, (float *)v_pool, (const int64_t *)slots, (float *)q_out);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_decode_attention(PyObject *self, PyObject *args) {
     unsigned long long q, k_pool, v_pool, slots, lengths, rows, out, scratch;
     long long q_stride_t, q_stride_h, slots_stride, out_stride_t, batch, heads, kv_heads, head_dim;
@@ -132,6 +218,10 @@ static PyObject *py_decode_attention(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"decode_attention", py_decode_attention, METH_VARARGS,
      "Paged decode attention over raw float32 buffers (use hexgen_zmq.kernels, which checks the arguments)."},
+    {"rms_norm", py_rms_norm, METH_VARARGS, "RMSNorm of float32 rows (use hexgen_zmq.kernels)."},
+    {"silu_mul", py_silu_mul, METH_VARARGS, "silu(gate) * up of fused gate/up rows (use hexgen_zmq.kernels)."},
+    {"rope_store", py_rope_store, METH_VARARGS,
+     "Rotary embedding of q and k, k and v written to the KV pool (use hexgen_zmq.kernels)."},
     {NULL, NULL, 0, NULL},
 };
 

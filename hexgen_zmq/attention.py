@@ -108,15 +108,13 @@ def build_layout(segments: list[Segment], index: SlotIndex, device: torch.device
     )
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                    layout: BatchLayout, scale: float) -> torch.Tensor:
-    """Write the new keys and values into the pools, then attend every row to its own request's cache.
-    q [T, H, D], k and v [T, KV, D] (any strides with a unit last one); returns [T, H, D]."""
-    k_pool.index_copy_(0, layout.write_slots, k)
-    v_pool.index_copy_(0, layout.write_slots, v)
+def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, layout: BatchLayout,
+                    scale: float, fast: bool) -> torch.Tensor:
+    """Attend every row to its own request's cache, the step's new keys and values already in the pools.
+    q [T, H, D] (any strides with a unit last one); returns [T, H, D]. `fast`: decode rows in the C kernel."""
     out = q.new_empty(q.shape)
     if layout.decode is not None:
-        if kernels.usable(k_pool):  # reads the cache in place: no padded copy per step
+        if fast:  # reads the cache in place: no padded copy per step
             kernels.decode_attention(q.transpose(0, 1), k_pool, v_pool, layout.decode, out, scale)
         else:
             gather, rows = layout.decode.gather, layout.decode.rows

@@ -14,24 +14,10 @@ differ, by about 1e-6.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hexgen_zmq import kernels
 from hexgen_zmq.attention import BatchLayout, paged_attention
-
-
-def rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """transformers' RMSNorm (`weight * normalised(x in float32).to(x.dtype)`) in one op where x is float32."""
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
-    return norm.weight * F.rms_norm(x.float(), norm.weight.shape, None, norm.variance_epsilon).to(x.dtype)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of x [T, heads, D] with cos, sin [T, 1, D]: transformers' `apply_rotary_pos_emb`."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 def fuse(linears: list[nn.Linear]) -> nn.Linear:
@@ -66,24 +52,32 @@ class DecoderLayer(nn.Module):
         self.gate_up = fuse([mlp.gate_proj, mlp.up_proj])
         self.down_proj = mlp.down_proj
         self.act = mlp.act_fn
+        self.silu = mlp.config.hidden_act == "silu"  # every supported family: one fused op
+        weight = self.input_norm.weight
+        self.fast = kernels.runs_on(weight.device, weight.dtype)  # the C kernels of hexgen_zmq.kernels
         if pack:
             kernels.pack_linears(self)
+
+    def norm(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        return kernels.rms_norm(x, norm.weight, norm.variance_epsilon, self.fast)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: BatchLayout,
                 k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
         """hidden [T, hidden_size] -> [T, hidden_size]; cos, sin [T, 1, D]; writes the new keys and values
         into the pools at `layout.write_slots` and attends as `layout` says."""
         tokens = hidden.shape[0]
-        qkv = self.qkv(rms_norm(hidden, self.input_norm)).view(tokens, self.q_heads + 2 * self.kv_heads, self.head_dim)
-        if self.q_norm is None:  # q and k rotate in one pass over their adjacent heads
-            qk = rotate(qkv[:, : self.q_heads + self.kv_heads], cos, sin)
-            q, k = qk[:, : self.q_heads], qk[:, self.q_heads :]
-        else:
-            q = rotate(rms_norm(qkv[:, : self.q_heads], self.q_norm), cos, sin)
-            k = rotate(rms_norm(qkv[:, self.q_heads : self.q_heads + self.kv_heads], self.k_norm), cos, sin)
-        v = qkv[:, self.q_heads + self.kv_heads :]
-        attended = paged_attention(q, k, v, k_pool, v_pool, layout, self.scale)
+        qkv = self.qkv(self.norm(hidden, self.input_norm)).view(tokens, self.q_heads + 2 * self.kv_heads, self.head_dim)
+        if self.q_norm is not None:  # Qwen3: q and k heads normalised before they rotate
+            qkv = torch.cat((self.norm(qkv[:, : self.q_heads], self.q_norm),
+                             self.norm(qkv[:, self.q_heads : self.q_heads + self.kv_heads], self.k_norm),
+                             qkv[:, self.q_heads + self.kv_heads :]), dim=1)
+        q = kernels.rope_store(qkv, self.q_heads, self.kv_heads, cos, sin, k_pool, v_pool, layout.write_slots,
+                               self.fast)
+        attended = paged_attention(q, k_pool, v_pool, layout, self.scale, self.fast)
         hidden = hidden + self.o_proj(attended.reshape(tokens, self.q_heads * self.head_dim))
-        gate_up = self.gate_up(rms_norm(hidden, self.post_norm))
-        gate, up = gate_up[:, : self.intermediate], gate_up[:, self.intermediate :]
-        return hidden + self.down_proj(self.act(gate) * up)
+        gate_up = self.gate_up(self.norm(hidden, self.post_norm))
+        if self.silu:
+            mlp = kernels.silu_mul(gate_up, self.fast)
+        else:
+            mlp = self.act(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]
+        return hidden + self.down_proj(mlp)
