@@ -20,6 +20,7 @@ import torch
 import zmq
 import zmq.asyncio
 
+from hexgen_zmq import kernels
 from hexgen_zmq.aio import run_until_first_failure
 from hexgen_zmq.block_manager import BLOCK_SIZE, blocks_for
 from hexgen_zmq.checkpoint import ShardPlan
@@ -280,6 +281,7 @@ def build_worker(deployment: Deployment, stage_id: str, rank: int) -> tuple[Stag
     model = StageModel(info, spec.layers, first=index == 0, last=index == len(pipeline.stages) - 1,
                        dtype=DTYPES[deployment.model.dtype], device=device, shard=ShardPlan.make(info, rank, spec.tp),
                        group=tp.group if tp else None)
+    kernels.warm_up(model, spec.max_batch_tokens)  # oneDNN's kernels for every step size, before serving
     blocks = kv_blocks(spec, model)
     if tp is not None:  # every rank must manage the same pool: agree on the smallest
         blocks = tp.agree_min(blocks)

@@ -153,3 +153,26 @@ def test_layer_ops_match_their_torch_versions():
         torch.testing.assert_close(fast_pool, torch_pool)
     with pytest.raises(ValueError, match="out of range"):
         kernels.rope_store(qkv, q_heads, kv_heads, cos, sin, *pools[True], where + slots, True)
+
+
+def test_warm_up_runs_every_packed_shape_at_every_step_size(monkeypatch):
+    from torch import nn
+
+    from hexgen_zmq.kernels import PackedLinear, bucket_rows, packing_usable, warm_up
+
+    if not packing_usable(torch.device("cpu"), torch.float32):
+        pytest.skip("this torch has no oneDNN")
+    stage = nn.ModuleList([PackedLinear(nn.Linear(16, 24)), PackedLinear(nn.Linear(16, 24)),
+                           PackedLinear(nn.Linear(24, 8, bias=False))])
+    seen = set()
+    forward = PackedLinear.forward
+
+    def record(self, x):
+        seen.add((self.in_features, self.out_features, x.shape[0]))
+        return forward(self, x)
+
+    monkeypatch.setattr(PackedLinear, "forward", record)
+    calls = warm_up(stage, 300)
+    sizes = {bucket_rows(n) for n in range(1, 301)}
+    assert seen == {(i, o, n) for i, o in ((16, 24), (24, 8)) for n in sizes}
+    assert calls == 2 * len(sizes)  # the two layers of one shape share oneDNN's kernels: warmed once
