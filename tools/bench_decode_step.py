@@ -1,5 +1,5 @@
-"""One stage's decode step on this CPU with the fast paths of `hexgen_zmq.kernels` (C decode attention,
-oneDNN-packed linear layers) and with plain torch ops, side by side.
+"""One stage's decode step on this CPU with the fast paths of `hexgen_zmq.kernels` (C decode attention, C
+RMSNorm, silu * up and rotary embedding, oneDNN-packed linear layers) and with plain torch ops, side by side.
 
 Builds the embedded tiny model (8 layers x 256) in a temporary directory, loads all its layers as one stage
 twice (once with `HEXGEN_ZMQ_KERNELS=0`), on one thread, prefills a batch of requests and times decode steps
