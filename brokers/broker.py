@@ -261,7 +261,8 @@ class Broker:
         paced = all(p.pace_s is not None for p in candidates)
 
         def key(p: PipelineState) -> tuple:
-            return (p.expected_pace_s() if paced else 0.0, len(p.in_flight), p.reserved_blocks / max(p.capacity_blocks, 1))
+            load = p.reserved_blocks / max(p.capacity_blocks, 1)
+            return (p.expected_pace_s() if paced else 0.0, len(p.in_flight), load)
         return key
 
     def on_cancel_request(self, client: bytes, message: CancelRequest) -> None:

@@ -124,7 +124,8 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
             vd = v_pool.index_select(0, flat).view(b, length, *v_pool.shape[1:]).transpose(1, 2)
             all_decode = not layout.prefills  # then the decode rows are the whole batch, in order
             qd = (q if all_decode else q.index_select(0, rows)).unsqueeze(2)  # [B, H, 1, D]
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=layout.decode_mask(), scale=scale, enable_gqa=True)
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=layout.decode_mask(), scale=scale,
+                                                enable_gqa=True)
             if all_decode:
                 return od[:, :, 0]
             out[rows] = od[:, :, 0]

@@ -11,8 +11,8 @@
   multiplies a few rows by every weight matrix, and plain `F.linear` re-packs each weight on every call
   (measured here: 1.6x faster per layer at 16 rows, 1.1x for 1024-row prompts).
 
-Both compute the same functions as the torch path, with float32 rounding in a different order (about 1e-6
-relative). `HEXGEN_ZMQ_KERNELS=0` in a stage's environment turns both off; `tools/bench_decode_step.py`
+All compute the same functions as the torch path, with float32 rounding in a different order (about 1e-6
+relative per op). `HEXGEN_ZMQ_KERNELS=0` in a stage's environment turns them all off; `tools/bench_decode_step.py`
 measures one against the other.
 """
 
@@ -40,7 +40,7 @@ def switched_on() -> bool:
 
 
 def enabled() -> bool:
-    """Whether the C attention kernel runs."""
+    """Whether the C kernels are built and switched on."""
     return _kernels is not None and switched_on()
 
 
@@ -74,7 +74,8 @@ class DecodeIndex:
         slots_needed = 0
         if batch:
             lengths, rows = self.lengths, self.rows
-            if int(lengths.min()) < 1 or int(lengths.max()) > longest or int(rows.min()) < 0 or int(rows.max()) >= tokens:
+            if (int(lengths.min()) < 1 or int(lengths.max()) > longest or int(rows.min()) < 0
+                    or int(rows.max()) >= tokens):
                 raise ValueError("decode_attention: a length or row is out of range")
             low, high = torch.aminmax(self.gather)
             if int(low) < 0:

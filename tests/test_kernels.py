@@ -146,8 +146,10 @@ def test_layer_ops_match_their_torch_versions():
     angles = torch.randn(tokens, 1, head_dim, generator=gen)
     cos, sin = angles.cos(), angles.sin()
     where = torch.randperm(slots, generator=gen)[:tokens]
-    pools = {fast: (torch.zeros(slots, kv_heads, head_dim), torch.zeros(slots, kv_heads, head_dim)) for fast in (True, False)}
-    q = {fast: kernels.rope_store(qkv, q_heads, kv_heads, cos, sin, *pools[fast], where, fast) for fast in (True, False)}
+    pools = {fast: (torch.zeros(slots, kv_heads, head_dim), torch.zeros(slots, kv_heads, head_dim))
+             for fast in (True, False)}
+    q = {fast: kernels.rope_store(qkv, q_heads, kv_heads, cos, sin, *pools[fast], where, fast)
+         for fast in (True, False)}
     torch.testing.assert_close(q[True], q[False])
     for fast_pool, torch_pool in zip(pools[True], pools[False]):
         torch.testing.assert_close(fast_pool, torch_pool)
