@@ -35,13 +35,30 @@ async def test_tp_pipelines_equal_hf_under_concurrency(deployment, tiny_model):
     assert {r.pipeline for r in results} == {"p0", "p1"}
 
 
+async def wait_for_in_flight(client: Client, count: int) -> dict[str, int]:
+    """Requests in flight per pipeline, once the broker has dispatched `count` in all."""
+    from tests.support import wait_for
+
+    async def dispatched():
+        pipelines = (await client.status()).pipelines
+        return {p.id: p.in_flight for p in pipelines} if sum(p.in_flight for p in pipelines) >= count else None
+
+    return await wait_for(dispatched, timeout_s=20, interval_s=0.02)
+
+
 async def test_killing_a_follower_fails_its_pipeline_not_the_other(deployment, tiny_model):
     async with await Client.connect(deployment.address) as client:
+        requests = []
+        for i in range(6):  # until p1 holds one (the broker sends the first ones to the faster pipeline)
+            requests.append(asyncio.create_task(client.generate(prompt_ids=[7, i, 9], max_new_tokens=200,
+                                                                timeout_s=60, ignore_eos=True)))
+            in_flight = await wait_for_in_flight(client, len(requests))
+            if in_flight["p1"]:
+                break
+        assert in_flight["p1"], in_flight
         os.kill(deployment.pid("p1s1:2"), signal.SIGKILL)
         start = time.monotonic()
-        outcomes = await asyncio.wait_for(asyncio.gather(
-            *(client.generate(prompt_ids=[7, i, 9], max_new_tokens=200, timeout_s=60) for i in range(4)),
-            return_exceptions=True), 55)
+        outcomes = await asyncio.wait_for(asyncio.gather(*requests, return_exceptions=True), 55)
         errors = [o for o in outcomes if isinstance(o, Exception)]
         assert errors and all(o.pipeline == "p0" for o in outcomes if not isinstance(o, Exception))
         assert all(isinstance(e, GenerationError) and e.code in ("stage_failed", "no_pipeline") for e in errors), errors
