@@ -35,6 +35,13 @@ class BatchLayout:
     prefills: list[PrefillChunk]
     sample_rows: torch.Tensor  # [S] rows whose logits pick a token
     _decode_mask: torch.Tensor | None = None
+    _write_end: int | None = None
+
+    def write_end(self) -> int:
+        """`kernels.slots_end` of the write slots: checked once per step, not once per layer."""
+        if self._write_end is None:
+            self._write_end = kernels.slots_end(self.write_slots)
+        return self._write_end
 
     def decode_mask(self) -> torch.Tensor:
         """[B, 1, 1, L], True where a decode row's padded slot is real (for the torch path only)."""

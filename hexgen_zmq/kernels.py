@@ -50,6 +50,16 @@ def runs_on(device: torch.device, dtype: torch.dtype) -> bool:
     return enabled() and device.type == "cpu" and dtype == torch.float32
 
 
+def slots_end(slots: torch.Tensor) -> int:
+    """1 + the highest of these pool slots (0 for none); ValueError if one is negative."""
+    if not slots.numel():
+        return 0
+    low, high = torch.aminmax(slots)
+    if int(low) < 0:
+        raise ValueError("a slot is out of range of the pool")
+    return int(high) + 1
+
+
 @dataclass
 class DecodeIndex:
     """Which cache slots each decode row of a step reads: row rows[b] attends to slots gather[b, :lengths[b]].
@@ -71,16 +81,12 @@ class DecodeIndex:
         batch, longest = self.gather.shape
         if self.lengths.shape != (batch,) or self.rows.shape != (batch,):
             raise ValueError("decode_attention: gather, lengths and rows disagree on the batch size")
-        slots_needed = 0
         if batch:
             lengths, rows = self.lengths, self.rows
             if (int(lengths.min()) < 1 or int(lengths.max()) > longest or int(rows.min()) < 0
                     or int(rows.max()) >= tokens):
                 raise ValueError("decode_attention: a length or row is out of range")
-            low, high = torch.aminmax(self.gather)
-            if int(low) < 0:
-                raise ValueError("decode_attention: a slot is out of range")
-            slots_needed = int(high) + 1
+        slots_needed = slots_end(self.gather)
         self._checked = (tokens, slots_needed)
         return slots_needed
 
@@ -147,16 +153,18 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 def rope_store(qkv: torch.Tensor, q_heads: int, kv_heads: int, cos: torch.Tensor, sin: torch.Tensor,
-               k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, fast: bool) -> torch.Tensor:
+               k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, fast: bool,
+               end: int | None = None) -> torch.Tensor:
     """qkv [T, q_heads + 2 kv_heads, D]: rotate q and k (cos, sin [T, 1, D]), write k and v into the pools at
-    `slots` [T]; returns the rotated q [T, q_heads, D]."""
+    `slots` [T]; returns the rotated q [T, q_heads, D]. `end`: `slots_end(slots)`, when the caller has it
+    from an earlier layer of the same step."""
     tokens, _, head_dim = qkv.shape
     if (fast and _float32(qkv, cos, sin, k_pool, v_pool) and qkv.stride(2) == 1 and qkv.stride(1) == head_dim
             and cos.is_contiguous() and sin.is_contiguous() and cos.numel() == sin.numel() == tokens * head_dim
             and k_pool.is_contiguous() and v_pool.is_contiguous() and k_pool.shape == v_pool.shape
             and k_pool.shape[1:] == (kv_heads, head_dim) and qkv.shape[1] == q_heads + 2 * kv_heads
             and slots.dtype == torch.int64 and slots.is_contiguous() and slots.shape == (tokens,)):
-        if tokens and not 0 <= int(slots.min()) <= int(slots.max()) < k_pool.shape[0]:
+        if (slots_end(slots) if end is None else end) > k_pool.shape[0]:
             raise ValueError("rope_store: a slot is out of range of the pool")
         q = torch.empty(tokens, q_heads, head_dim)
         _kernels.rope_store(qkv.data_ptr(), tokens, qkv.stride(0), q_heads, kv_heads, head_dim, cos.data_ptr(),

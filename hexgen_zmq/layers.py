@@ -73,7 +73,7 @@ class DecoderLayer(nn.Module):
                              self.norm(qkv[:, self.q_heads : self.q_heads + self.kv_heads], self.k_norm),
                              qkv[:, self.q_heads + self.kv_heads :]), dim=1)
         q = kernels.rope_store(qkv, self.q_heads, self.kv_heads, cos, sin, k_pool, v_pool, layout.write_slots,
-                               self.fast)
+                               self.fast, layout.write_end() if self.fast else None)
         attended = paged_attention(q, k_pool, v_pool, layout, self.scale, self.fast)
         hidden = hidden + self.o_proj(attended.reshape(tokens, self.q_heads * self.head_dim))
         gate_up = self.gate_up(self.norm(hidden, self.post_norm))
