@@ -81,12 +81,8 @@ class LocalDeployment:
                     waiting.add(stage.id)
             deadline = time.monotonic() + timeout_s
             while waiting:
-                if stop_requested():
-                    raise LaunchError("stopped during start-up")
-                if time.monotonic() > deadline:
-                    raise LaunchError(f"not ready after {timeout_s:g} s: {', '.join(sorted(waiting))}")
-                if dead := self.dead():
-                    raise LaunchError(f"{dead} exited during start-up{self._log_hint(dead)}")
+                self._check_starting(deadline, stop_requested, f"not ready after {timeout_s:g} s: "
+                                                               f"{', '.join(sorted(waiting))}")
                 if not notify.poll(200):
                     continue
                 try:
@@ -113,10 +109,7 @@ class LocalDeployment:
         sock = make_socket(ctx, zmq.DEALER, connect=self.address, max_bytes=CONTROL_MAX_BYTES)
         try:
             while True:
-                if stop_requested():
-                    raise LaunchError("stopped during start-up")
-                if time.monotonic() > deadline:
-                    raise LaunchError("the broker did not see every pipeline ready in time")
+                self._check_starting(deadline, stop_requested, "the broker did not see every pipeline ready in time")
                 sock.send_multipart(encode_control(StatusRequest()))
                 if sock.poll(200):
                     try:
@@ -128,6 +121,16 @@ class LocalDeployment:
                 time.sleep(0.05)
         finally:
             sock.close(linger=0)
+
+    def _check_starting(self, deadline: float, stop_requested: Callable[[], bool], late: str) -> None:
+        """Raise LaunchError when start-up must end: asked to stop, past the deadline (`late` says what is
+        missing), or a process died."""
+        if stop_requested():
+            raise LaunchError("stopped during start-up")
+        if time.monotonic() > deadline:
+            raise LaunchError(late)
+        if dead := self.dead():
+            raise LaunchError(f"{dead} exited during start-up{self._log_hint(dead)}")
 
     def _log_hint(self, name: str) -> str:
         child = next((c for c in self.children if c.name == name), None)
