@@ -208,6 +208,21 @@ class Client:
                 if event.finished:
                     return
 
+    async def events(self, prompt_ids: list[int] | None = None, prompt: str | None = None, *, messages=None,
+                     max_new_tokens: int = 16, temperature: float = 0.0, top_k: int | None = None,
+                     top_p: float | None = None, seed: int | None = None, stop_token_ids: list[int] | None = None,
+                     timeout_s: float | None = None, ignore_eos: bool = False) -> AsyncIterator[TokenEvent]:
+        """Yield the broker's TokenEvents as they come: the tokens of each step, and on the last one the
+        finish reason, prompt length and pipeline (what an HTTP front end reports). Leaving early cancels."""
+        request = _request(next(self._ids), prompt_ids, prompt, messages, max_new_tokens, temperature, top_k, top_p,
+                           seed, stop_token_ids, timeout_s, ignore_eos)
+        events = self._events(request)
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()
+
     async def stream(self, prompt_ids: list[int] | None = None, prompt: str | None = None, *, messages=None,
                      max_new_tokens: int = 16, temperature: float = 0.0, top_k: int | None = None,
                      top_p: float | None = None, seed: int | None = None, stop_token_ids: list[int] | None = None,

@@ -1,4 +1,4 @@
-"""Runtime subcommands: stage, broker, up, generate, status, make-tiny-model, demo."""
+"""Runtime subcommands: stage, broker, up, serve, generate, status, make-tiny-model."""
 
 from __future__ import annotations
 
@@ -31,6 +31,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--log-dir", default=None, help="write each process's output to a file here")
     p.set_defaults(func=cmd_up)
 
+    p = subparsers.add_parser("serve", help="serve the OpenAI API (/v1/completions, /v1/chat/completions) and "
+                                            "Prometheus /metrics in front of a running deployment")
+    p.add_argument("--config", required=True, help="deployment file (the broker's address and the model)")
+    p.add_argument("--listen", type=parse_listen, default=parse_listen("127.0.0.1:8000"), help="HOST:PORT")
+    add_serve_args(p)
+    p.set_defaults(func=cmd_serve)
+
     p = subparsers.add_parser("generate", help="send one request to a running deployment and stream the answer")
     p.add_argument("--config", required=True, help="deployment file (for the broker's address)")
     group = p.add_mutually_exclusive_group(required=True)
@@ -50,6 +57,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_tiny_model)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    """The gateway's options, shared by `serve` and `up --http` (which passes them on to `serve`)."""
+    p.add_argument("--api-key", action="append", default=None, help="accept this bearer key (repeatable)")
+    p.add_argument("--api-key-file", default=None, help="accept the keys in this file, one per line")
+    p.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate (PEM)")
+    p.add_argument("--ssl-keyfile", default=None, help="the certificate's private key (PEM)")
+    p.add_argument("--model-name", default=None, help="the model id to report (default: the checkpoint's directory)")
+    p.add_argument("--default-chat-tokens", type=int, default=256, help="max_tokens of a chat request that gives none")
+    p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from hexgen_zmq.gateway import cmd_serve as serve_gateway
+
+    return serve_gateway(args)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
