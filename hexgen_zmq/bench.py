@@ -5,7 +5,9 @@ loop (`--rate R`: Poisson arrivals). Prompt and output lengths are fixed (`64`) 
 (`32:128`). Reports time to first token, time per output token, end-to-end latency (p50/p90/p99), output
 tokens per second and SLO attainment, on the terminal and as JSON. `--baseline hf` then runs the same
 requests through Hugging Face `generate` in this process on the same checkpoint, one at a time and as one
-static batch, and prints the ratios.
+static batch, and prints the ratios. `--http URL` sends the same requests through an HTTP gateway's
+/v1/completions too (streamed, as OpenAI clients do), alternating with the native client for `--rounds`
+rounds, and prints the medians and their ratio.
 """
 
 from __future__ import annotations
@@ -122,23 +124,84 @@ async def run_load(address: str, workload: Workload, concurrency: int | None, ra
                 progress.advance(task)
 
         start = time.perf_counter()
-        if rate:
-            rng = random.Random(seed + 1)
-            tasks = []
-            for i in range(n):
-                tasks.append(asyncio.create_task(one(i)))
-                await asyncio.sleep(rng.expovariate(rate))
-            await asyncio.gather(*tasks)
-        else:
-            queue = iter(range(n))
-
-            async def worker() -> None:
-                for i in queue:
-                    await one(i)
-
-            await asyncio.gather(*(worker() for _ in range(concurrency or 1)))
+        await _drive(one, n, concurrency, rate, seed)
         wall = time.perf_counter() - start
     return [s for s in stats if s is not None], wall
+
+
+async def run_http_load(url: str, workload: Workload, concurrency: int | None, rate: float | None, seed: int,
+                        ignore_eos: bool, api_key: str | None = None,
+                        progress: Progress | None = None) -> tuple[list[RequestStats], float]:
+    """The same workload through a gateway's /v1/completions, streamed as any OpenAI client would (prompt as
+    token ids, greedy); the tokens counted are the usage the gateway reports."""
+    import httpx
+
+    n = len(workload.prompts)
+    stats: list[RequestStats | None] = [None] * n
+    task = progress.add_task("requests over HTTP", total=n) if progress else None
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=(concurrency or n) + 4, max_keepalive_connections=(concurrency or n) + 4)
+    async with httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, limits=limits, timeout=600,
+                                 verify=False) as http:
+        async def request(prompt: list[int], max_tokens: int) -> RequestStats:
+            body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": ignore_eos,
+                    "stream": True, "stream_options": {"include_usage": True}}
+            start = time.perf_counter()
+            first = None
+            last = ""
+            async with http.stream("POST", "/v1/completions", json=body) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    return RequestStats(0.0, time.perf_counter() - start, 0, False,
+                                        f"HTTP {response.status_code}: {response.text[:200]}")
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    if first is None:
+                        first = time.perf_counter()
+                    if line == "data: [DONE]":
+                        break
+                    last = line
+            end = time.perf_counter()
+            reply = json.loads(last[6:]) if last else {}
+            if "error" in reply:
+                return RequestStats(0.0, end - start, 0, False, reply["error"].get("message"))
+            tokens = (reply.get("usage") or {}).get("completion_tokens", 0)
+            return RequestStats((first or end) - start, end - start, tokens)
+
+        await request(workload.prompts[0][:4], 2)  # warm-up, not counted
+
+        async def one(i: int) -> None:
+            try:
+                stats[i] = await request(workload.prompts[i], workload.output_lens[i])
+            except httpx.HTTPError as exc:
+                stats[i] = RequestStats(0.0, 0.0, 0, False, f"{type(exc).__name__}: {exc}")
+            if progress:
+                progress.advance(task)
+
+        start = time.perf_counter()
+        await _drive(one, n, concurrency, rate, seed)
+        wall = time.perf_counter() - start
+    return [s for s in stats if s is not None], wall
+
+
+async def _drive(one, n: int, concurrency: int | None, rate: float | None, seed: int) -> None:
+    """Closed loop (`concurrency` workers) or open loop (Poisson arrivals at `rate`) over requests 0..n-1."""
+    if rate:
+        rng = random.Random(seed + 1)
+        tasks = []
+        for i in range(n):
+            tasks.append(asyncio.create_task(one(i)))
+            await asyncio.sleep(rng.expovariate(rate))
+        await asyncio.gather(*tasks)
+    else:
+        queue = iter(range(n))
+
+        async def worker() -> None:
+            for i in queue:
+                await one(i)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency or 1)))
 
 
 def hf_baselines(model_path: str, workload: Workload, one_at_a_time: int, batch_size: int,
@@ -218,8 +281,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", choices=["hf"], default=None, help="also run Hugging Face generate, same requests")
     p.add_argument("--baseline-requests", type=int, default=None,
                    help="requests for the one-at-a-time baseline (default: all)")
+    p.add_argument("--http", default=None, metavar="URL",
+                   help="also drive this gateway's /v1/completions (e.g. http://127.0.0.1:8000), same requests; "
+                        "with --launch, a gateway is started there")
+    p.add_argument("--api-key", default=None, help="bearer key for --http")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="with --http: alternate native and HTTP runs this many times and compare medians")
     p.add_argument("--json", default=None, help="write the reports here")
     p.set_defaults(func=run)
+
+
+def launch_gateway(config: str, url: str, api_key: str | None):
+    """A `serve` process for --launch --http, listening where `url` points."""
+    from urllib.parse import urlsplit
+
+    from hexgen_zmq.commands import GatewayProcess
+
+    where = urlsplit(url)
+    options = ["--api-key", api_key] if api_key else []
+    gateway = GatewayProcess(config, (where.hostname or "127.0.0.1", where.port or 80), options)
+    try:
+        gateway.wait_ready()
+    except BaseException:
+        gateway.stop()
+        raise
+    return gateway
 
 
 def run(args: argparse.Namespace) -> int:
@@ -232,26 +318,49 @@ def run(args: argparse.Namespace) -> int:
     concurrency = None if args.rate else (args.concurrency or 32)
     n = args.requests or (concurrency or 64)
     workload = make_workload(n, args.prompt_len, args.output_len, min(info.vocab_size, 32000), args.seed)
-    local = None
-    if args.launch:
-        local = LocalDeployment(args.config)
-        with console.status("starting the deployment"):
-            local.start()
+    local = gateway = None
+    load = f"{'rate ' + str(args.rate) + '/s' if args.rate else f'concurrency {concurrency}'}"
+    reports: list[Report] = []
+    all_stats: list[RequestStats] = []
+    rounds = max(1, args.rounds) if args.http else 1
     try:
+        if args.launch:
+            local = LocalDeployment(args.config)
+            with console.status("starting the deployment"):
+                local.start()
+            if args.http:
+                gateway = launch_gateway(args.config, args.http, args.api_key)
         progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                             console=console)
         with progress:
-            stats, wall = asyncio.run(run_load(deployment.broker.clients, workload, concurrency, args.rate, args.seed,
-                                               not args.respect_eos, progress))
+            for r in range(rounds):  # interleaved, so that both sides see the same spells of the machine
+                suffix = f", round {r + 1}" if rounds > 1 else ""
+                stats, wall = asyncio.run(run_load(deployment.broker.clients, workload, concurrency, args.rate,
+                                                   args.seed, not args.respect_eos, progress))
+                reports.append(summarize(f"hexgen-zmq ({load}{suffix})", stats, wall, args.slo))
+                all_stats += stats
+                if args.http:
+                    stats, wall = asyncio.run(run_http_load(args.http, workload, concurrency, args.rate, args.seed,
+                                                            not args.respect_eos, args.api_key, progress))
+                    reports.append(summarize(f"HTTP gateway ({load}{suffix})", stats, wall, args.slo))
+                    all_stats += stats
     finally:
+        if gateway is not None:
+            gateway.stop()
         if local is not None:
             local.stop()
-    label = f"hexgen-zmq ({'rate ' + str(args.rate) + '/s' if args.rate else f'concurrency {concurrency}'})"
-    reports = [summarize(label, stats, wall, args.slo)]
+    stats = all_stats
     if args.baseline == "hf":
         reports += hf_baselines(deployment.model.path, workload, args.baseline_requests or n, concurrency or n,
                                 console)
     print_reports(console, reports)
+    if args.http:
+        native = [r.tokens_per_s for r in reports if r.label.startswith("hexgen-zmq")]
+        http = [r.tokens_per_s for r in reports if r.label.startswith("HTTP gateway")]
+        ratios = [h / n for h, n in zip(http, native) if n > 0]
+        print(f"tokens/s, native client: median {statistics.median(native):.0f}; through the HTTP gateway: median "
+              f"{statistics.median(http):.0f}; ratio per round {', '.join(f'{x:.3f}' for x in ratios)}, "
+              f"median {statistics.median(ratios):.3f}")
     if args.baseline == "hf":
         ours = reports[0].tokens_per_s
         for r in reports[1:]:

@@ -29,6 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: cores / ranks)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every process to be ready")
     p.add_argument("--log-dir", default=None, help="write each process's output to a file here")
+    p.add_argument("--http", type=parse_listen, default=None, metavar="HOST:PORT",
+                   help="also serve the OpenAI API and /metrics here (a `serve` process; its options below)")
+    add_serve_args(p)
     p.set_defaults(func=cmd_up)
 
     p = subparsers.add_parser("serve", help="serve the OpenAI API (/v1/completions, /v1/chat/completions) and "
@@ -111,39 +114,134 @@ def stop_on_signals() -> list[bool]:
     return stopping
 
 
-def serve(deployment, stopping: list[bool] | None = None) -> int:
+def serve(deployment, stopping: list[bool] | None = None, gateway: GatewayProcess | None = None) -> int:
     """Wait while every process runs; 0 on Ctrl-C / SIGTERM, 1 when a process dies (named)."""
     if stopping is None:
         stopping = stop_on_signals()
     try:
         while not stopping:
-            if dead := deployment.dead():
+            dead = deployment.dead()
+            if dead is None and gateway is not None and not gateway.alive:
+                dead = "gateway"
+            if dead is not None:
                 print(f"hexgen-zmq: process {dead} exited; stopping the deployment", file=sys.stderr)
                 return 1
             time.sleep(0.2)
         return 0
     finally:
         print("hexgen-zmq: stopping", file=sys.stderr)
+        if gateway is not None:
+            gateway.stop()
         deployment.stop()
+
+
+class GatewayProcess:
+    """`hexgen-zmq serve` as a child process, for `up --http`, `demo --http` and `bench --launch --http`."""
+
+    def __init__(self, config: str | Path, listen: tuple[str, int], options: list[str] | None = None,
+                 log_path: str | Path | None = None, tls: bool = False):
+        import subprocess
+
+        self.host, self.port = listen
+        self.url = f"{'https' if tls else 'http'}://{self.host}:{self.port}"
+        out = open(log_path, "wb") if log_path else None
+        cmd = [sys.executable, "-m", "hexgen_zmq.cli", "serve", "--config", str(config), "--listen",
+               f"{self.host}:{self.port}", *(options or [])]
+        self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                        start_new_session=True)
+        if out is not None:
+            out.close()
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def wait_ready(self, timeout_s: float = 120.0, stop_requested=lambda: False) -> None:
+        """Return once the gateway accepts connections (uvicorn listens only after it has connected to the
+        broker); RuntimeError if it exits, time runs out or `stop_requested()`."""
+        import socket
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if not self.alive:
+                raise RuntimeError(f"the HTTP gateway exited (status {self.process.returncode})")
+            if stop_requested():
+                raise RuntimeError("stopped during start-up")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the HTTP gateway was not listening after {timeout_s:g} s")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.1)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        import subprocess
+
+        if self.alive:
+            self.process.terminate()
+        try:
+            self.process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+
+
+def serve_options(args: argparse.Namespace) -> list[str]:
+    """The `serve` options (add_serve_args) set in `args`, as a command line to pass on."""
+    out: list[str] = []
+    for key in args.api_key or []:
+        out += ["--api-key", key]
+    for name in ("api_key_file", "ssl_certfile", "ssl_keyfile", "model_name"):
+        if (value := getattr(args, name)) is not None:
+            out += ["--" + name.replace("_", "-"), str(value)]
+    out += ["--default-chat-tokens", str(args.default_chat_tokens)]
+    if args.access_log:
+        out.append("--access-log")
+    return out
+
+
+def start_gateway(args: argparse.Namespace, config: str | Path, log_dir: str | Path | None,
+                  stop_requested=lambda: False) -> GatewayProcess:
+    """Start `serve` on args.http with the options in `args` and wait until it listens."""
+    log_path = Path(log_dir) / "gateway.log" if log_dir else None
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+    gateway = GatewayProcess(config, args.http, serve_options(args), log_path, tls=bool(args.ssl_certfile))
+    try:
+        gateway.wait_ready(stop_requested=stop_requested)
+    except BaseException:
+        gateway.stop()
+        raise
+    return gateway
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     from hexgen_zmq.deployment import DeploymentError
     from hexgen_zmq.launcher import LaunchError, LocalDeployment
 
+    # Ctrl-C or SIGTERM while starting: start() notices between spawns and stops what it started.
+    stopping = stop_on_signals()
     try:
         deployment = LocalDeployment(args.config, log_dir=args.log_dir, threads=args.threads)
         layout = ", ".join(f"{p.id}: " + " -> ".join(f"{s.id}[{s.layers[0]},{s.layers[1]})x{s.tp}" for s in p.stages)
                            for p in deployment.deployment.pipelines)
         print(f"hexgen-zmq: starting {layout}", file=sys.stderr)
-        # Ctrl-C or SIGTERM while starting: start() notices between spawns and stops what it started.
-        stopping = stop_on_signals()
         deployment.start(timeout_s=args.timeout, stop_requested=lambda: bool(stopping))
     except (DeploymentError, LaunchError) as exc:
         print(f"hexgen-zmq: {exc}", file=sys.stderr)
         return 0 if stopping else 1
     print(f"hexgen-zmq: ready; clients connect to {deployment.address}", flush=True)
-    return serve(deployment, stopping)
+    gateway = None
+    if args.http is not None:
+        try:
+            gateway = start_gateway(args, args.config, args.log_dir, lambda: bool(stopping))
+        except RuntimeError as exc:
+            print(f"hexgen-zmq: {exc}", file=sys.stderr)
+            deployment.stop()
+            return 0 if stopping else 1
+        print(f"hexgen-zmq: OpenAI API at {gateway.url}/v1, metrics at {gateway.url}/metrics", flush=True)
+    return serve(deployment, stopping, gateway)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -52,7 +52,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--question", action="append", default=None, help="ask this (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--serve", action="store_true", help="keep serving after answering, until Ctrl-C")
+    p.add_argument("--http", type=parse_listen, default=None, metavar="HOST:PORT",
+                   help="also serve the OpenAI API there (`hexgen-zmq serve`), and ask the questions through it")
     p.set_defaults(func=run)
+
+
+def parse_listen(text: str):
+    from hexgen_zmq.commands import parse_listen as parse
+
+    return parse(text)
+
+
+def print_http_stream(url: str, question: str, max_tokens: int) -> None:
+    """Ask through the gateway's /v1/chat/completions, as any OpenAI client would, and print the stream."""
+    import json
+
+    import httpx
+
+    body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "temperature": 0,
+            "stream": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                for choice in json.loads(line[6:]).get("choices", []):
+                    sys.stdout.write(choice["delta"].get("content") or "")
+                    sys.stdout.flush()
+    print()
 
 
 def get_model(name: str, model_dir: str | None) -> Path:
@@ -69,7 +95,7 @@ def get_model(name: str, model_dir: str | None) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hexgen_zmq.commands import print_stream, serve
+    from hexgen_zmq.commands import GatewayProcess, print_stream, serve
     from hexgen_zmq.launcher import LaunchError, LocalDeployment
     from hexgen_zmq.model_info import read_model_info
 
@@ -89,16 +115,32 @@ def run(args: argparse.Namespace) -> int:
     except LaunchError as exc:
         print(f"hexgen-zmq: {exc}", file=sys.stderr)
         return 1
+    gateway = None
     try:
-        print(f"ready; clients connect to {local.address}\n", file=sys.stderr)
+        print(f"ready; clients connect to {local.address}", file=sys.stderr)
+        if args.http is not None:
+            gateway = GatewayProcess(config, args.http, log_path=run_dir / "logs" / "gateway.log")
+            gateway.wait_ready()
+            print(f"OpenAI API at {gateway.url}/v1 (metrics at {gateway.url}/metrics); the questions go through it",
+                  file=sys.stderr)
+        print(file=sys.stderr)
         for question in args.question or QUESTIONS:
             print(f"> {question}", flush=True)
-            request = {"messages": [{"role": "user", "content": question}], "max_new_tokens": args.max_new_tokens}
-            asyncio.run(print_stream(local.address, request, str(model)))
+            if gateway is not None:
+                print_http_stream(gateway.url, question, args.max_new_tokens)
+            else:
+                request = {"messages": [{"role": "user", "content": question}], "max_new_tokens": args.max_new_tokens}
+                asyncio.run(print_stream(local.address, request, str(model)))
             print(flush=True)
         if args.serve:
-            print(f"serving on {local.address}; Ctrl-C stops", file=sys.stderr)
-            return serve(local)
+            print(f"serving on {local.address}{f' and {gateway.url}/v1' if gateway else ''}; Ctrl-C stops",
+                  file=sys.stderr)
+            return serve(local, gateway=gateway)
         return 0
+    except RuntimeError as exc:  # the gateway did not start
+        print(f"hexgen-zmq: {exc}", file=sys.stderr)
+        return 1
     finally:
+        if gateway is not None:
+            gateway.stop()
         local.stop()

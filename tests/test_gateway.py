@@ -499,3 +499,24 @@ async def test_metrics_count_what_was_sent(api, served):
     assert ("hexgen_stage_cached_requests", (("pipeline", "p0"), ("stage", "p0s1"))) in after
     # a token id outside the vocabulary is the broker's to refuse
     assert delta("hexgen_requests_total", endpoint="completions", outcome="invalid_request") == 1
+
+
+async def test_bench_drives_the_gateway(served):
+    from hexgen_zmq.bench import make_workload, run_http_load
+
+    _, url = served
+    workload = make_workload(4, (3, 8), (6, 6), 400, seed=1)
+    stats, wall = await asyncio.wait_for(run_http_load(url, workload, 2, None, 0, True, API_KEY), 60)
+    assert [s.ok for s in stats] == [True] * 4, [s.error for s in stats]
+    assert [s.tokens for s in stats] == [6] * 4 and all(0 < s.ttft_s <= s.total_s for s in stats)
+
+
+def test_up_passes_the_gateway_options_on():
+    from hexgen_zmq.cli import build_parser
+    from hexgen_zmq.commands import serve_options
+
+    args = build_parser().parse_args(["up", "d.yaml", "--http", "0.0.0.0:8080", "--api-key", "a", "--api-key", "b",
+                                      "--ssl-certfile", "c.pem", "--ssl-keyfile", "k.pem"])
+    assert args.http == ("0.0.0.0", 8080)
+    again = build_parser().parse_args(["serve", "--config", "d.yaml", *serve_options(args)])
+    assert (again.api_key, again.ssl_certfile, again.ssl_keyfile) == (["a", "b"], "c.pem", "k.pem")
