@@ -66,15 +66,15 @@ def parse_listen(text: str):
 def print_http_stream(url: str, question: str, max_tokens: int) -> None:
     """Ask through the gateway's /v1/chat/completions, as any OpenAI client would, and print the stream."""
     import json
-
-    import httpx
+    import urllib.request
 
     body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "temperature": 0,
             "stream": True}
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
+    request = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        for line in response:
+            if line.startswith(b"data: {"):
                 for choice in json.loads(line[6:]).get("choices", []):
                     sys.stdout.write(choice["delta"].get("content") or "")
                     sys.stdout.flush()
