@@ -298,12 +298,13 @@ class Broker:
                 self.fail(record.request_id, "stage_failed", record.reason or "a stage rejected the request")
                 continue
             request.tokens.append(record.token)
+            logprobs = [record.logprobs] if record.logprobs is not None else []
             if record.finished:
                 text = self.tokenizer.decode(request.tokens, skip_special_tokens=True) if self.tokenizer else None
                 event = TokenEvent(request.client_request_id, [record.token], True, record.reason, text,
-                                   len(request.prompt), request.pipeline)
+                                   len(request.prompt), request.pipeline, logprobs)
             else:
-                event = TokenEvent(request.client_request_id, [record.token])
+                event = TokenEvent(request.client_request_id, [record.token], logprobs=logprobs)
             by_client.setdefault(request.client, []).append(event)
             if record.finished:
                 self.forget(record.request_id, cancel=False)

@@ -27,7 +27,7 @@ import zmq.asyncio
 
 from hexgen_zmq.messages import (CancelRequest, ChatMessage, ErrorEvent, GenerateRequest, Ping, SamplingParams,
                                  StatusReply, StatusRequest, TokenEvent, TokenEvents, WireError, decode_control,
-                                 encode_control)
+                                 encode_control, TokenLogprob)
 from hexgen_zmq.sockets import CONTROL_MAX_BYTES, make_socket
 
 PING_S = 0.5  # well inside the broker's client_timeout_s
@@ -52,6 +52,7 @@ class GenerationResult:
     total_s: float
     prompt_tokens: int = 0
     pipeline: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token, when asked for (logprobs=K)
 
     @property
     def tokens_per_s(self) -> float:
@@ -67,6 +68,7 @@ class _Open:
     done: asyncio.Future | None = None
     tokens: list[int] = field(default_factory=list)
     first_at: float | None = None  # perf_counter() of the first token
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     def deliver(self, event: TokenEvent | ErrorEvent) -> None:
         if self.done is None:
@@ -79,14 +81,16 @@ class _Open:
             if self.first_at is None:
                 self.first_at = time.perf_counter()
             self.tokens.extend(event.tokens)
+            self.logprobs.extend(event.logprobs)
             if event.finished:
                 self.done.set_result(event)
 
 
 def _request(client_request_id: int, prompt_ids, prompt, messages, max_new_tokens, temperature, top_k, top_p, seed,
-             stop_token_ids, timeout_s, ignore_eos) -> GenerateRequest:
+             stop_token_ids, timeout_s, ignore_eos, logprobs=None) -> GenerateRequest:
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k, top_p=top_p,
-                            seed=seed, stop_token_ids=list(stop_token_ids or []), ignore_eos=ignore_eos)
+                            seed=seed, stop_token_ids=list(stop_token_ids or []), ignore_eos=ignore_eos,
+                            logprobs=logprobs)
     chat = None
     if messages is not None:
         chat = [m if isinstance(m, ChatMessage) else ChatMessage(m["role"], m["content"]) for m in messages]
@@ -211,11 +215,13 @@ class Client:
     async def events(self, prompt_ids: list[int] | None = None, prompt: str | None = None, *, messages=None,
                      max_new_tokens: int = 16, temperature: float = 0.0, top_k: int | None = None,
                      top_p: float | None = None, seed: int | None = None, stop_token_ids: list[int] | None = None,
-                     timeout_s: float | None = None, ignore_eos: bool = False) -> AsyncIterator[TokenEvent]:
+                     timeout_s: float | None = None, ignore_eos: bool = False,
+                     logprobs: int | None = None) -> AsyncIterator[TokenEvent]:
         """Yield the broker's TokenEvents as they come: the tokens of each step, and on the last one the
-        finish reason, prompt length and pipeline (what an HTTP front end reports). Leaving early cancels."""
+        finish reason, prompt length and pipeline (what an HTTP front end reports). Leaving early cancels.
+        `logprobs=K`: each event also carries its tokens' log-probabilities and K top alternatives."""
         request = _request(next(self._ids), prompt_ids, prompt, messages, max_new_tokens, temperature, top_k, top_p,
-                           seed, stop_token_ids, timeout_s, ignore_eos)
+                           seed, stop_token_ids, timeout_s, ignore_eos, logprobs)
         events = self._events(request)
         try:
             async for event in events:
@@ -226,10 +232,11 @@ class Client:
     async def stream(self, prompt_ids: list[int] | None = None, prompt: str | None = None, *, messages=None,
                      max_new_tokens: int = 16, temperature: float = 0.0, top_k: int | None = None,
                      top_p: float | None = None, seed: int | None = None, stop_token_ids: list[int] | None = None,
-                     timeout_s: float | None = None, ignore_eos: bool = False) -> AsyncIterator[int]:
+                     timeout_s: float | None = None, ignore_eos: bool = False,
+                     logprobs: int | None = None) -> AsyncIterator[int]:
         """Yield each new token id as the pipeline produces it."""
         request = _request(next(self._ids), prompt_ids, prompt, messages, max_new_tokens, temperature, top_k, top_p,
-                           seed, stop_token_ids, timeout_s, ignore_eos)
+                           seed, stop_token_ids, timeout_s, ignore_eos, logprobs)
         events = self._events(request)
         try:
             async for event in events:
@@ -241,10 +248,12 @@ class Client:
     async def generate(self, prompt_ids: list[int] | None = None, prompt: str | None = None, *, messages=None,
                        max_new_tokens: int = 16, temperature: float = 0.0, top_k: int | None = None,
                        top_p: float | None = None, seed: int | None = None, stop_token_ids: list[int] | None = None,
-                       timeout_s: float | None = None, ignore_eos: bool = False) -> GenerationResult:
-        """Run a request to the end and return its tokens, text and timings."""
+                       timeout_s: float | None = None, ignore_eos: bool = False,
+                       logprobs: int | None = None) -> GenerationResult:
+        """Run a request to the end and return its tokens, text and timings (and with `logprobs=K` each
+        token's log-probability and K top alternatives)."""
         request = _request(next(self._ids), prompt_ids, prompt, messages, max_new_tokens, temperature, top_k, top_p,
-                           seed, stop_token_ids, timeout_s, ignore_eos)
+                           seed, stop_token_ids, timeout_s, ignore_eos, logprobs)
         entry = _Open(done=asyncio.get_running_loop().create_future())
         patience = self._patience(request)  # the broker ends every request by its deadline
         start = time.perf_counter()
@@ -260,7 +269,7 @@ class Client:
             ended[0] = True
         total = time.perf_counter() - start
         return GenerationResult(entry.tokens, last.text, last.finish_reason, entry.first_at - start, total,
-                                last.prompt_tokens, last.pipeline)
+                                last.prompt_tokens, last.pipeline, entry.logprobs if logprobs is not None else None)
 
 
 class _Connecting:

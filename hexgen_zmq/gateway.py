@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from hexgen_zmq.client import Client, GenerationError
 from hexgen_zmq.metrics import GatewayMetrics
 from hexgen_zmq.openai_api import (SSE_DONE, APIError, ChatCompletionRequest, ChunkWriter, CompletionRequest,
-                                   completion_body, dumps)
+                                   LogprobFormatter, completion_body, dumps)
 from hexgen_zmq.text_stream import CompletionText, finish_reason
 
 log = logging.getLogger("gateway")
@@ -113,6 +113,7 @@ class Gateway:
         self.config = config
         self.tokenizer = tokenizer
         self.decode = functools.partial(tokenizer.decode, skip_special_tokens=True)
+        self.logprob_format = LogprobFormatter(tokenizer)
         self.metrics = GatewayMetrics()
         self.client = client
         self._status_lock = asyncio.Lock()
@@ -227,9 +228,11 @@ class Gateway:
                         chat: bool) -> Response:
         if max_tokens is None:  # a default never makes a short prompt too long for the context
             max_tokens = max(1, min(default, self.config.max_context - len(prompt_ids)))
+        kwargs = dict(prompt_ids=prompt_ids, max_new_tokens=max_tokens, **body.sampling())
+        if body.logprobs_wanted is not None:
+            kwargs["logprobs"] = body.logprobs_wanted
         track = _Track(self.metrics, "chat_completions" if chat else "completions")
         track.prompt_tokens = len(prompt_ids)
-        kwargs = dict(prompt_ids=prompt_ids, max_new_tokens=max_tokens, **body.sampling())
         request_id = ("chatcmpl-" if chat else "cmpl-") + os.urandom(12).hex()
         created = int(time.time())
         try:
@@ -248,7 +251,8 @@ class Gateway:
 
     async def _complete(self, request: Request, body, kwargs: dict, track: _Track, request_id: str, created: int,
                         chat: bool) -> Response:
-        if not body.stop:  # the whole answer in one wake-up; the broker decoded its text
+        entries: list = []
+        if not body.stop and body.logprobs_wanted is None:  # the whole answer in one wake-up; the broker decoded it
             t0 = time.perf_counter()
             result = await _unless_disconnected(request, self.client.generate(**kwargs))
             track.first_at = t0 + result.ttft_s
@@ -256,20 +260,35 @@ class Gateway:
             text = result.text if result.text is not None else self.decode(result.token_ids)
             reason = finish_reason(result.finish_reason)
         else:
-            text, reason = await _unless_disconnected(request, self._collect(body, kwargs, track))
+            text, reason = await _unless_disconnected(request, self._collect(body, kwargs, track, entries))
         track.end("success", reason)
         return Response(dumps(completion_body(chat, request_id, created, self.config.model_name, text, reason,
-                                              track.prompt_tokens, track.tokens)), media_type="application/json")
+                                              track.prompt_tokens, track.tokens, self._logprobs(chat, body, entries))),
+                        media_type="application/json")
 
-    async def _collect(self, body, kwargs: dict, track: _Track) -> tuple[str, str]:
-        """Run a request with stop strings to its end (or its first stop string): text and finish_reason."""
+    def _logprobs(self, chat: bool, body, entries: list) -> dict | None:
+        """OpenAI's logprobs object for (token, TokenLogprob, text offset) entries; None when not asked for."""
+        if body.logprobs_wanted is None:
+            return None
+        return self.logprob_format.chat(entries) if chat else self.logprob_format.completion(entries)
+
+    @staticmethod
+    def _note_logprobs(entries: list, event, offset: int) -> None:
+        """Add an event's tokens with their log-probabilities and where their text starts."""
+        entries.extend((token, lp, offset) for token, lp in zip(event.tokens, event.logprobs))
+
+    async def _collect(self, body, kwargs: dict, track: _Track, entries: list) -> tuple[str, str]:
+        """Run a request to its end (or its first stop string), gathering the text, the finish_reason, and
+        into `entries` the log-probabilities if asked for."""
         text = CompletionText(self.decode, body.stop)
         pieces: list[str] = []
         reason = "length"
         async with contextlib.aclosing(self.client.events(**kwargs)) as events:
             async for event in events:
                 track.got(len(event.tokens))
+                offset = text.decoded_chars
                 pieces.append(text.push(event.tokens))
+                self._note_logprobs(entries, event, offset)
                 if text.stopped:
                     return "".join(pieces), "stop"
                 if event.finished:
@@ -290,6 +309,15 @@ class Gateway:
         writer = ChunkWriter(chat, request_id, created, self.config.model_name, body.include_usage)
         text = CompletionText(self.decode, body.stop)
 
+        pending: list = []  # log-probabilities of tokens whose text has not gone out yet
+
+        def logprobs() -> dict | None:
+            if body.logprobs_wanted is None:
+                return None
+            out = self._logprobs(chat, body, pending)
+            pending.clear()
+            return out
+
         async def chunks():
             outcome, reason = "client_disconnected", None
             try:
@@ -298,7 +326,9 @@ class Gateway:
                 event = first
                 while True:
                     track.got(len(event.tokens))
+                    offset = text.decoded_chars
                     piece = text.push(event.tokens)
+                    self._note_logprobs(pending, event, offset)
                     if text.stopped:
                         reason = "stop"
                         break
@@ -306,12 +336,12 @@ class Gateway:
                         reason = finish_reason(event.finish_reason)
                         break
                     if piece:
-                        yield writer.chunk(piece)
+                        yield writer.chunk(piece, logprobs=logprobs())
                     event = await anext(events)
                 rest = piece + ("" if text.stopped else text.finish())
                 if text.stopped:
                     reason = "stop"
-                yield writer.chunk(rest or (None if chat else ""), reason)
+                yield writer.chunk(rest or (None if chat else ""), reason, logprobs=logprobs())
                 if writer.include_usage:
                     yield writer.usage_chunk(track.prompt_tokens, track.tokens)
                 yield SSE_DONE

@@ -38,6 +38,7 @@ class SamplingParams(msgspec.Struct, frozen=True, array_like=True, omit_defaults
     seed: int | None = None
     stop_token_ids: list[int] = []
     ignore_eos: bool = False  # run to max_new_tokens whatever comes (benchmarks)
+    logprobs: int | None = None  # return log-probabilities: this many top alternatives per token (0: the chosen one's)
 
     def validate(self, vocab_size: int) -> None:
         """Raise ValueError naming the parameter that is out of range."""
@@ -54,6 +55,19 @@ class SamplingParams(msgspec.Struct, frozen=True, array_like=True, omit_defaults
         bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"stop_token_ids outside the vocabulary (size {vocab_size}): {bad}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}")
+
+
+MAX_TOP_LOGPROBS = 20
+
+
+class TokenLogprob(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, gc=False):
+    """A sampled token's log-probability under the model (log-softmax of its logits before temperature, as
+    OpenAI reports it), and the `SamplingParams.logprobs` most likely tokens as (token, log-probability)."""
+
+    logprob: float
+    top: list[tuple[int, float]] = []
 
 
 # ------------------------------------------------------------------------------- broker -> first stage
@@ -114,6 +128,7 @@ class TokenRecord(msgspec.Struct, frozen=True, array_like=True, omit_defaults=Tr
     token: int
     finished: bool = False
     reason: str | None = None  # "eos", "stop", "length"; or an error message when token < 0
+    logprobs: TokenLogprob | None = None  # when the request asked for them
 
 
 class Feedback(Base, frozen=True):
@@ -195,6 +210,7 @@ class TokenEvent(Base, frozen=True):
     text: str | None = None
     prompt_tokens: int = 0
     pipeline: str | None = None  # on the last event: the pipeline that served the request
+    logprobs: list[TokenLogprob] = []  # one per token, when the request asked for them
 
 
 class TokenEvents(Base, frozen=True):

@@ -8,6 +8,8 @@ ignored, as OpenAI-compatible servers do, so clients that send extras keep worki
 
 from __future__ import annotations
 
+import functools
+import re
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -26,6 +28,7 @@ ERROR_STATUS: dict[str, tuple[int, str]] = {
     "no_pipeline": (503, "service_unavailable"),
     "timeout": (504, "timeout"),
     "stage_failed": (500, "internal_error"),
+    "sampling_failed": (500, "internal_error"),
     "cancelled": (500, "internal_error"),  # cancelled by someone other than this gateway's client
 }
 
@@ -128,6 +131,11 @@ class CompletionRequest(_Sampling):
             raise unsupported("suffix", "not supported")
         if self.best_of not in (None, 1):
             raise unsupported("best_of", "only best_of = 1 is served")
+
+    @property
+    def logprobs_wanted(self) -> int | None:
+        """Top alternatives to report per token (0: only the chosen token's), or None for no logprobs."""
+        return self.logprobs
 
     def single_prompt(self) -> str | list[int]:
         """The one prompt, as text or token ids; a batch of several is refused."""
@@ -243,3 +251,80 @@ def completion_body(chat: bool, request_id: str, created: int, model: str, text:
         choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     return {"id": request_id, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": model, "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
+
+
+# ------------------------------------------------------------------------------------------------ logprobs
+
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf; what vLLM reports for an impossible token
+
+
+@functools.lru_cache(maxsize=1)
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's printable stand-ins for the 256 byte values (GPT-2's table), inverted."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+class LogprobFormatter:
+    """Token ids and their log-probabilities (TokenLogprob) in OpenAI's two shapes: the legacy completions
+    object (tokens, token_logprobs, top_logprobs, text_offset) and chat's `content` list with bytes."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        self.byte_level = "ByteLevel" in type(decoder).__name__ or "ByteLevel" in repr(decoder)
+
+    @functools.lru_cache(maxsize=65536)
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for (part of a character, for byte tokens)."""
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if isinstance(piece, str):
+            if match := _BYTE_TOKEN.fullmatch(piece):
+                return bytes([int(match.group(1), 16)])
+            table = _gpt2_byte_decoder()
+            if self.byte_level and all(c in table for c in piece):
+                return bytes(table[c] for c in piece)
+            if not self.byte_level:  # SentencePiece: ▁ marks a space (which decoding a lone token drops)
+                return piece.replace("▁", " ").encode()
+        return self.tokenizer.decode([token_id], skip_special_tokens=False).encode()
+
+    def token_text(self, token_id: int) -> str:
+        """The token as text; part of a character is written `bytes:\\xe2\\x82` as OpenAI does, so that
+        different byte tokens stay different keys of top_logprobs."""
+        raw = self.token_bytes(token_id)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+    def completion(self, entries: list[tuple[int, Any, int]]) -> dict:
+        """entries: (token id, TokenLogprob, text offset) per token."""
+        tokens, logprobs, tops, offsets = [], [], [], []
+        for token, lp, offset in entries:
+            tokens.append(self.token_text(token))
+            logprobs.append(max(lp.logprob, LOGPROB_FLOOR))
+            top = {self.token_text(token): max(lp.logprob, LOGPROB_FLOOR)}  # the chosen token, as vLLM lists it
+            for alt, value in lp.top:
+                top.setdefault(self.token_text(alt), max(value, LOGPROB_FLOOR))
+            tops.append(top)
+            offsets.append(offset)
+        return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+    def chat(self, entries: list[tuple[int, Any, int]]) -> dict:
+        def one(token: int, value: float) -> dict:
+            return {"token": self.token_text(token), "logprob": max(value, LOGPROB_FLOOR),
+                    "bytes": list(self.token_bytes(token))}
+
+        return {"content": [{**one(token, lp.logprob), "top_logprobs": [one(alt, value) for alt, value in lp.top]}
+                            for token, lp, _ in entries]}

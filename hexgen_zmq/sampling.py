@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+import msgspec
 import torch
 
-from hexgen_zmq.messages import SamplingParams, TokenRecord
+from hexgen_zmq.messages import SamplingParams, TokenLogprob, TokenRecord
 
 
 @dataclass
@@ -68,3 +69,26 @@ def sample(logits: torch.Tensor, samplers: list[RequestSampler]) -> list[int]:
         if sampler.generator is not None:
             tokens[i] = sampler.draw(logits[i])
     return tokens
+
+
+def with_logprobs(records: list[TokenRecord], logits: torch.Tensor, sampled: list[int],
+                  wanted: list[int | None]) -> list[TokenRecord]:
+    """The records, with log-probabilities attached for the requests that asked (`wanted[i]`: how many top
+    alternatives for row i of `logits`, which belongs to request `sampled[i]`; None: none wanted). They come
+    from the raw model's logits, before temperature or filters, in float32, as OpenAI and vLLM report them."""
+    rows = {rid: i for i, (rid, k) in enumerate(zip(sampled, wanted)) if k is not None}
+    if not rows:
+        return records
+    out = []
+    for record in records:
+        i = rows.get(record.request_id)
+        if i is None or record.token < 0:
+            out.append(record)
+            continue
+        logprobs = torch.log_softmax(logits[i].float(), -1)
+        top: list[tuple[int, float]] = []
+        if wanted[i]:
+            values, ids = torch.topk(logprobs, min(wanted[i], logprobs.shape[-1]))
+            top = list(zip(ids.tolist(), values.tolist()))
+        out.append(msgspec.structs.replace(record, logprobs=TokenLogprob(float(logprobs[record.token]), top)))
+    return out

@@ -9,7 +9,7 @@ from hexgen_zmq.block_manager import BlockManager, CacheFull
 from hexgen_zmq.messages import MicroBatch, TokenRecord
 from hexgen_zmq.attention import SlotIndex, build_layout
 from hexgen_zmq.model_runner import StageModel
-from hexgen_zmq.sampling import RequestSampler, sample
+from hexgen_zmq.sampling import RequestSampler, sample, with_logprobs
 
 
 class BadBatch(ValueError):
@@ -71,12 +71,13 @@ class StageWorker:
         sampled = [seg.request_id for seg in batch.segments if seg.sample and seg.n_tokens]
         tokens = sample(out, [self.samplers[rid] for rid in sampled])
         records = []
+        wanted = [self.samplers[rid].params.logprobs for rid in sampled]  # read before release
         for request_id, token in zip(sampled, tokens):
             record = self.samplers[request_id].record(request_id, token)
             if record.finished:
                 self.release(request_id)
             records.append(record)
-        return records
+        return with_logprobs(records, out, sampled, wanted)
 
     def release(self, request_id: int) -> None:
         self.blocks.release(request_id)

@@ -99,6 +99,7 @@ class CompletionText:
     def __init__(self, decode: Callable[[list[int]], str], stops: Sequence[str] = ()):
         self.detokenizer = IncrementalDetokenizer(decode)
         self.matcher = StopMatcher(stops)
+        self.decoded_chars = 0  # characters decoded so far, before stop strings cut (for logprobs' text_offset)
 
     @property
     def stopped(self) -> bool:
@@ -106,11 +107,15 @@ class CompletionText:
         return self.matcher.stopped
 
     def push(self, tokens: Sequence[int]) -> str:
-        return self.matcher.feed(self.detokenizer.push(tokens))
+        text = self.detokenizer.push(tokens)
+        self.decoded_chars += len(text)
+        return self.matcher.feed(text)
 
     def finish(self) -> str:
         """What is left once no more tokens come."""
-        return self.matcher.feed(self.detokenizer.finish()) + self.matcher.flush()
+        text = self.detokenizer.finish()
+        self.decoded_chars += len(text)
+        return self.matcher.feed(text) + self.matcher.flush()
 
 
 def finish_reason(broker_reason: str | None) -> str:

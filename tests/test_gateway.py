@@ -501,6 +501,62 @@ async def test_metrics_count_what_was_sent(api, served):
     assert delta("hexgen_requests_total", endpoint="completions", outcome="invalid_request") == 1
 
 
+def hf_log_softmax(model_path: str, prompt: list[int], tokens: list[int]):
+    """Log-softmax of Hugging Face's logits at each generated position (teacher-forced on the tokens)."""
+    import torch
+
+    from tests.support import hf_model
+
+    with torch.inference_mode():
+        logits = hf_model(model_path)(torch.tensor([prompt + tokens])).logits[0]
+    return torch.log_softmax(logits[len(prompt) - 1: len(prompt) - 1 + len(tokens)].float(), -1)
+
+
+async def test_greedy_logprobs_equal_hf_log_softmax(api, tokenizer, long_model):
+    prompt = [9, 8, 7, 6]
+    tokens = hf_greedy(long_model, prompt, 12)
+    expected = hf_log_softmax(long_model, prompt, tokens)
+    whole = await api.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, logprobs=3)
+    lp = whole.choices[0].logprobs
+    assert len(lp.token_logprobs) == len(tokens) == whole.usage.completion_tokens
+    for i, token in enumerate(tokens):
+        assert lp.token_logprobs[i] == pytest.approx(float(expected[i, token]), abs=2e-3)
+        best = expected[i].topk(3).values.tolist()  # the chosen token and the top 3, keyed by their text
+        assert len(lp.top_logprobs[i]) >= 3
+        assert all(any(abs(v - b) < 2e-3 for b in best) for v in lp.top_logprobs[i].values())
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    # chat, streamed: the same numbers arrive chunk by chunk, top alternatives as a list with their bytes
+    messages = [{"role": "user", "content": "Tell me a short story about a fox."}]
+    ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    tokens = hf_greedy(long_model, ids, 10)
+    expected = hf_log_softmax(long_model, ids, tokens)
+    _, chunks = await streamed(await api.chat.completions.create(model="tiny", messages=messages, max_tokens=10,
+                                                                 temperature=0, stream=True, logprobs=True,
+                                                                 top_logprobs=2))
+    content = [entry for c in chunks if c.choices and c.choices[0].logprobs for entry in c.choices[0].logprobs.content]
+    assert len(content) == len(tokens)
+    for i, (entry, token) in enumerate(zip(content, tokens)):
+        assert entry.logprob == pytest.approx(float(expected[i, token]), abs=2e-3)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(expected[i].topk(2).values.tolist(), abs=2e-3)
+        raw = bytes(entry.bytes)
+        assert entry.token == (raw.decode() if not entry.token.startswith("bytes:") else
+                               "bytes:" + "".join(f"\\x{b:02x}" for b in raw))
+    # no logprobs unless asked for
+    plain = await api.completions.create(model="tiny", prompt=prompt, max_tokens=3, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_token_bytes_rebuild_the_text(tiny_tokenizer, sentencepiece_tokenizer):
+    from hexgen_zmq.openai_api import LogprobFormatter
+
+    for tokenizer in (tiny_tokenizer, sentencepiece_tokenizer):
+        formatter = LogprobFormatter(tokenizer)
+        text = "naïve café — 5 €"
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        joined = b"".join(formatter.token_bytes(t) for t in ids).decode()
+        assert joined.lstrip(" ") == text  # SentencePiece's first token carries the space it prepends
+
+
 async def test_bench_drives_the_gateway(served):
     from hexgen_zmq.bench import make_workload, run_http_load
 
