@@ -1,6 +1,7 @@
 """The gateway's Prometheus metrics: what it measures itself per request (outcome, TTFT, time per output
 token, end-to-end latency, tokens) and what the broker reports in its status at each scrape (queue,
-requests running per pipeline, per stage requests cached and KV capacity, bad messages).
+requests running per pipeline, per stage requests cached and KV blocks used and free, bad messages, failed
+requests by code).
 
 One CollectorRegistry per gateway rather than prometheus_client's global one, so several gateways (or
 tests) in one process do not collide. Names follow Prometheus conventions: `hexgen_` prefix, the unit in
@@ -50,20 +51,35 @@ class BrokerCollector:
                                     labels=["pipeline"])
         cached = GaugeMetricFamily("hexgen_stage_cached_requests", "Requests holding KV cache on a stage",
                                    labels=["pipeline", "stage"])
-        capacity = GaugeMetricFamily("hexgen_stage_kv_capacity_tokens", "KV cache capacity of a stage, in tokens",
-                                     labels=["pipeline", "stage"])
+        used = GaugeMetricFamily("hexgen_stage_kv_blocks_used", "KV cache blocks in use on a stage",
+                                 labels=["pipeline", "stage"])
+        free = GaugeMetricFamily("hexgen_stage_kv_blocks_free", "KV cache blocks free on a stage",
+                                 labels=["pipeline", "stage"])
+        stage_bad = CounterMetricFamily("hexgen_stage_bad_messages", "Messages a stage rejected since it started",
+                                        labels=["pipeline", "stage"])
         for p in status.pipelines:
             in_flight.add_metric([p.id], p.in_flight)
             ready.add_metric([p.id], float(p.ready))
             healthy.add_metric([p.id], float(p.healthy))
             for stage, n in sorted(p.cached_requests.items()):
                 cached.add_metric([p.id, stage], n)
-            for stage, n in sorted(getattr(p, "kv_capacity_tokens", {}).items()):
-                capacity.add_metric([p.id, stage], n)
-        yield from (queued, running, in_flight, ready, healthy, cached, capacity)
+            # reported by brokers whose status carries them (fields added later, read with defaults)
+            totals = getattr(p, "kv_blocks_total", {}) or {}
+            for stage, n in sorted((getattr(p, "kv_blocks_used", {}) or {}).items()):
+                used.add_metric([p.id, stage], n)
+                if stage in totals:
+                    free.add_metric([p.id, stage], totals[stage] - n)
+            for stage, n in sorted((getattr(p, "bad_messages", {}) or {}).items()):
+                stage_bad.add_metric([p.id, stage], n)
+        yield from (queued, running, in_flight, ready, healthy, cached, used, free, stage_bad)
         bad = CounterMetricFamily("hexgen_broker_bad_messages", "Malformed or unexpected messages the broker rejected")
         bad.add_metric([], getattr(status, "bad_messages", 0))
         yield bad
+        failed = CounterMetricFamily("hexgen_broker_requests_failed", "Requests the broker failed, by error code",
+                                     labels=["code"])
+        for code, n in sorted((getattr(status, "requests_failed", {}) or {}).items()):
+            failed.add_metric([code], n)
+        yield failed
 
 
 class GatewayMetrics:
