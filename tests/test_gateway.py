@@ -417,6 +417,7 @@ async def test_a_disconnect_mid_stream_frees_the_request(served):
     from hexgen_zmq.client import Client
 
     local, url = served
+    before = metric_values(url)
     async with Client.connect(local.address) as broker:
         started = time.monotonic()
         async with httpx.AsyncClient(timeout=30) as http:
@@ -424,18 +425,47 @@ async def test_a_disconnect_mid_stream_frees_the_request(served):
                                    json={"prompt": [5, 6, 7], "max_tokens": LONG, "ignore_eos": True,
                                          "temperature": 0, "stream": True}) as response:
                 assert response.status_code == 200
-                got = 0
-                async for line in response.aiter_lines():
-                    got += line.startswith("data: ")
-                    if got == 5:
-                        break
+                # not `async for ... break`: the abandoned iterator, once collected, would close the
+                # connection at some point of its own choosing
+                lines, data = response.aiter_lines(), 0
+                while data < 5:
+                    data += (await asyncio.wait_for(anext(lines), 30)).startswith("data: ")
                 status = await broker.status()
-                assert sum(p.in_flight for p in status.pipelines) == 1
+                assert sum(p.in_flight for p in status.pipelines) == 1, status
         closed = time.monotonic()
-        await wait_for(lambda: nothing_held(broker), timeout_s=10, interval_s=0.05)
+        await wait_for(lambda: nothing_held(broker), timeout_s=30, interval_s=0.05)
         freed = time.monotonic()
     per_token = (closed - started) / 5
-    assert freed - started < LONG * per_token / 4, "freed no sooner than it would have finished"
+    assert freed - started < LONG * per_token / 4, \
+        f"freed {freed - closed:.2f} s after the disconnect, no sooner than it would have finished"
+    after = metric_values(url)
+    key = ("hexgen_requests_total", (("endpoint", "completions"), ("outcome", "client_disconnected")))
+    assert after.get(key, 0) - before.get(key, 0) == 1
+
+
+async def test_a_disconnect_while_waiting_for_a_whole_answer_frees_the_request(served):
+    from hexgen_zmq.client import Client
+
+    local, url = served
+    before = metric_values(url)
+    async with Client.connect(local.address) as broker:
+        async with httpx.AsyncClient(timeout=30) as http:
+            post = asyncio.create_task(http.post(f"{url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                                                 json={"prompt": [5, 6, 7], "max_tokens": LONG, "ignore_eos": True}))
+
+            async def running() -> bool:
+                return sum(p.in_flight for p in (await broker.status()).pipelines) == 1
+
+            await wait_for(running, timeout_s=10, interval_s=0.05)
+            post.cancel()  # the HTTP client gives up: its connection closes
+            with pytest.raises(asyncio.CancelledError):
+                await post
+        cancelled_at = time.monotonic()
+        await wait_for(lambda: nothing_held(broker), timeout_s=30, interval_s=0.05)
+    assert time.monotonic() - cancelled_at < LONG * 0.001, "freed no sooner than it would have finished"
+    after = metric_values(url)
+    key = ("hexgen_requests_total", (("endpoint", "completions"), ("outcome", "client_disconnected")))
+    assert after.get(key, 0) - before.get(key, 0) == 1
 
 
 async def test_busy_and_too_long_get_their_status(api, served):
