@@ -108,11 +108,20 @@ async def _unless_disconnected(request: Request, awaitable):
     raise ClientGone()
 
 
+def fast_decode(tokenizer):
+    """`tokenizer.decode(ids, skip_special_tokens=True)`, straight from the Rust tokenizer when that is what
+    transformers would do anyway (no clean-up of spaces): the stream decodes twice per token."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and getattr(tokenizer, "clean_up_tokenization_spaces", True) is False:
+        return functools.partial(backend.decode, skip_special_tokens=True)
+    return functools.partial(tokenizer.decode, skip_special_tokens=True)
+
+
 class Gateway:
     def __init__(self, config: GatewayConfig, tokenizer, client: Client | None = None):
         self.config = config
         self.tokenizer = tokenizer
-        self.decode = functools.partial(tokenizer.decode, skip_special_tokens=True)
+        self.decode = fast_decode(tokenizer)
         self.logprob_format = LogprobFormatter(tokenizer)
         self.metrics = GatewayMetrics()
         self.client = client

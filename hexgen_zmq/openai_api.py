@@ -224,9 +224,13 @@ class ChunkWriter:
         self.chat, self.include_usage = chat, include_usage
         self.base = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
                      "created": created, "model": model}
+        # The chunk of every token, as bytes around the text: only the text is encoded per token.
+        self._head, self._tail = self.chunk("\x00", _template=True).split(b'"\\u0000"')
 
     def chunk(self, text: str | None, finish_reason: str | None = None, logprobs: Any = None,
-              role: bool = False) -> bytes:
+              role: bool = False, _template: bool = False) -> bytes:
+        if finish_reason is None and logprobs is None and not role and text is not None and not _template:
+            return self._head + _json.encode(text) + self._tail
         if self.chat:
             delta: dict = {"role": "assistant", "content": text or ""} if role else \
                 ({} if text is None else {"content": text})

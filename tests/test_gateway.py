@@ -130,6 +130,19 @@ def test_stop_matcher_emits_only_what_cannot_become_a_stop():
     assert matcher.feed("more") == "" and matcher.flush() == ""
 
 
+def test_token_chunks_are_the_full_encoding():
+    """ChunkWriter writes a token's chunk from precomputed bytes around the text: the same as encoding it."""
+    from hexgen_zmq.openai_api import ChunkWriter
+
+    for chat in (False, True):
+        for include_usage in (False, True):
+            writer = ChunkWriter(chat, "cmpl-1", 7, "tiny", include_usage)
+            for text in ("", 'say "hi"\n', "é€🦊\x00"):
+                assert writer.chunk(text) == writer.chunk(text, _template=True)
+                body = json.loads(writer.chunk(text)[6:])
+                assert (body["choices"][0]["delta"]["content"] if chat else body["choices"][0]["text"]) == text
+
+
 def test_completion_text_stops_inside_a_token(tiny_tokenizer):
     def decode(ids):
         return tiny_tokenizer.decode(ids, skip_special_tokens=True)
