@@ -43,6 +43,7 @@ log = logging.getLogger("gateway")
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 DEFAULT_CHAT_TOKENS = 256  # the broker reserves KV for prompt + max_tokens, so "up to the context" would be costly
 STATUS_TIMEOUT_S = 2.0
+GENERATION_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat_completions"}  # metric labels
 
 
 @dataclass
@@ -153,19 +154,25 @@ class Gateway:
         app.add_exception_handler(StarletteHTTPException, self._http_error)
         return app
 
-    @staticmethod
-    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    def _count_refusal(self, request: Request, exc: APIError) -> None:
+        """A generation request refused before it reached the broker still counts, by its outcome."""
+        endpoint = GENERATION_PATHS.get(request.url.path)
+        if endpoint is not None and not exc.counted:
+            self.metrics.requests.labels(endpoint, exc.code or "invalid_request").inc()
+            exc.counted = True
+
+    async def _api_error(self, request: Request, exc: APIError) -> JSONResponse:
+        self._count_refusal(request, exc)
         return JSONResponse(exc.body(), status_code=exc.status)
 
-    @staticmethod
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(self, request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more)"
-        return JSONResponse(APIError(400, message, param=where or None).body(), status_code=400)
+        return await self._api_error(request, APIError(400, message, param=where or None, code="invalid_request"))
 
     @staticmethod
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -180,10 +187,12 @@ class Gateway:
         key = key.strip()
         if scheme.lower() == "bearer" and any(hmac.compare_digest(key, k) for k in self.config.api_keys):
             return
-        endpoint = request.url.path.rsplit("/v1/", 1)[-1].replace("/", "_")
-        self.metrics.requests.labels(endpoint, "unauthorized").inc()
-        raise APIError(401, "a valid API key is required: Authorization: Bearer KEY", "invalid_request_error",
-                       "invalid_api_key")
+        error = APIError(401, "a valid API key is required: Authorization: Bearer KEY", "invalid_request_error",
+                         "invalid_api_key")
+        if endpoint := GENERATION_PATHS.get(request.url.path):
+            self.metrics.requests.labels(endpoint, "unauthorized").inc()
+            error.counted = True
+        raise error
 
     async def status(self):
         async with self._status_lock:  # the client keeps one status request open at a time
@@ -250,7 +259,9 @@ class Gateway:
             return await self._complete(request, body, kwargs, track, request_id, created, chat)
         except GenerationError as exc:
             track.end(exc.code)
-            raise APIError.from_generation(exc.code, str(exc).partition(": ")[2] or str(exc)) from None
+            error = APIError.from_generation(exc.code, str(exc).partition(": ")[2] or str(exc))
+            error.counted = True
+            raise error from None
         except ClientGone:
             track.end("client_disconnected")
             return Response(status_code=499)

@@ -89,7 +89,8 @@ class GatewayMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("hexgen_requests", "HTTP generation requests by endpoint and outcome "
-                                "(success, an error code, client_disconnected, unauthorized)",
+                                "(success, an error code, client_disconnected, unauthorized, "
+                                "unsupported_parameter)",
                                 ["endpoint", "outcome"], registry=r)
         self.finished = Counter("hexgen_request_finish_reasons", "Successful requests by finish_reason",
                                 ["finish_reason"], registry=r)

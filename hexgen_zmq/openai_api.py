@@ -40,6 +40,7 @@ class APIError(Exception):
                  param: str | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+        self.counted = False  # in the gateway's request metrics already
 
     @classmethod
     def from_generation(cls, code: str, message: str) -> APIError:

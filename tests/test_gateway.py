@@ -523,6 +523,10 @@ async def test_metrics_count_what_was_sent(api, served):
         stream_options={"include_usage": True}))
     with pytest.raises(openai.BadRequestError):
         await api.completions.create(model="tiny", prompt=[1, 10**6], max_tokens=4)
+    with pytest.raises(openai.BadRequestError):  # refused by the gateway: counted all the same
+        await api.completions.create(model="tiny", prompt=[1, 2], max_tokens=4, n=3)
+    with pytest.raises(openai.BadRequestError):
+        await api.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], top_p=2)
     after = metric_values(url)
 
     def delta(name: str, **labels) -> float:
@@ -542,6 +546,8 @@ async def test_metrics_count_what_was_sent(api, served):
     assert ("hexgen_stage_cached_requests", (("pipeline", "p0"), ("stage", "p0s1"))) in after
     # a token id outside the vocabulary is the broker's to refuse
     assert delta("hexgen_requests_total", endpoint="completions", outcome="invalid_request") == 1
+    assert delta("hexgen_requests_total", endpoint="completions", outcome="unsupported_parameter") == 1
+    assert delta("hexgen_requests_total", endpoint="chat_completions", outcome="invalid_request") == 1
 
 
 def hf_log_softmax(model_path: str, prompt: list[int], tokens: list[int]):
