@@ -195,7 +195,7 @@ class Gateway:
         raise error
 
     async def status(self):
-        async with self._status_lock:  # the client keeps one status request open at a time
+        async with self._status_lock:  # one at a time: a client without status nonces matches replies to none
             return await self.client.status(timeout_s=STATUS_TIMEOUT_S)
 
     # ------------------------------------------------------------------ small endpoints
