@@ -42,6 +42,11 @@ class BlockManager:
         """Blocks not promised to any request."""
         return self.num_blocks - self._reserved
 
+    @property
+    def used_blocks(self) -> int:
+        """Blocks handed out to requests' tables."""
+        return self.num_blocks - len(self._free)
+
     def __contains__(self, request_id: int) -> bool:
         return request_id in self._requests
 

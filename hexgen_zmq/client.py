@@ -17,18 +17,20 @@ import asyncio
 import contextlib
 import itertools
 import os
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
+import msgspec
 import zmq
 import zmq.asyncio
 
-from hexgen_zmq.messages import (CancelRequest, ChatMessage, ErrorEvent, GenerateRequest, Ping, SamplingParams,
+from hexgen_zmq.messages import (CancelRequest, ChatMessage, ErrorEvent, GenerateRequest, Ping, Pong, SamplingParams,
                                  StatusReply, StatusRequest, TokenEvent, TokenEvents, WireError, decode_control,
                                  encode_control, TokenLogprob)
-from hexgen_zmq.sockets import CONTROL_MAX_BYTES, make_socket
+from hexgen_zmq.sockets import CONTROL_MAX_BYTES, make_socket, send_now
 
 PING_S = 0.5  # well inside the broker's client_timeout_s
 SILENCE_S = 60.0  # beyond a request's own deadline: no word from the broker for this long means it is gone
@@ -69,6 +71,28 @@ class _Open:
     tokens: list[int] = field(default_factory=list)
     first_at: float | None = None  # perf_counter() of the first token
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    request: GenerateRequest | None = None  # what to resubmit should a new broker answer
+    received: list[int] = field(default_factory=list)  # every token so far, in order (both modes)
+    broker: int | None = None  # the broker incarnation it was last submitted to, when known
+
+    def accept(self, event: TokenEvent) -> TokenEvent | ErrorEvent | None:
+        """Stream integrity: tokens already received are dropped (a replay or a resubmission may send them
+        again), a gap is an error, never silently skipped. None when nothing new is left."""
+        if event.index < 0:  # a broker that does not number its events
+            self.received.extend(event.tokens)
+            return event
+        have = len(self.received)
+        if event.index > have:
+            return ErrorEvent(event.client_request_id, "stream_gap",
+                              f"tokens from position {event.index} arrived, but only {have} had come before")
+        skip = have - event.index
+        if skip:
+            if skip >= len(event.tokens) and not event.finished:
+                return None
+            event = msgspec.structs.replace(event, tokens=event.tokens[skip:], logprobs=event.logprobs[skip:],
+                                            index=have)
+        self.received.extend(event.tokens)
+        return event
 
     def deliver(self, event: TokenEvent | ErrorEvent) -> None:
         if self.done is None:
@@ -88,6 +112,8 @@ class _Open:
 
 def _request(client_request_id: int, prompt_ids, prompt, messages, max_new_tokens, temperature, top_k, top_p, seed,
              stop_token_ids, timeout_s, ignore_eos, logprobs=None) -> GenerateRequest:
+    if temperature and temperature > 0 and seed is None:  # a seed of its own: a resubmission draws the same tokens
+        seed = secrets.randbits(63)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k, top_p=top_p,
                             seed=seed, stop_token_ids=list(stop_token_ids or []), ignore_eos=ignore_eos,
                             logprobs=logprobs)
@@ -102,12 +128,17 @@ class Client:
     def __init__(self, address: str, silence_s: float = SILENCE_S):
         self.address = address
         self.silence_s = silence_s  # how long past a request's deadline to wait for a broker that went quiet
-        self.ctx = zmq.asyncio.Context()
+        # One context for every client of the process, never terminated: a client dropped without close()
+        # has its socket closed by the garbage collector (bounded by LINGER), where terminating a context of
+        # its own could block that collection, wherever it happens, for good.
+        self.ctx = zmq.asyncio.Context.instance()
         self.socket = make_socket(self.ctx, zmq.DEALER, connect=address, hwm=10000, max_bytes=CONTROL_MAX_BYTES,
                                   identity=os.urandom(8))
         self._ids = itertools.count(1)
         self._open: dict[int, _Open] = {}
-        self._status: asyncio.Future | None = None
+        self._status: dict[int, asyncio.Future] = {}  # by nonce: concurrent status() calls each get theirs
+        self._nonces = itertools.count(1)
+        self._broker: int | None = None  # the broker incarnation last heard from (Pong)
         self._tasks: list[asyncio.Task] = []
 
     @classmethod
@@ -132,7 +163,6 @@ class Client:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.socket.close(linger=200)
-        self.ctx.term()
 
     async def _send(self, message) -> None:
         frames = encode_control(message)
@@ -149,15 +179,36 @@ class Client:
             except WireError:
                 continue
             if isinstance(message, StatusReply):
-                if self._status is not None and not self._status.done():
-                    self._status.set_result(message)
+                waiter = self._status.pop(message.nonce, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(message)
+                continue
+            if isinstance(message, Pong):
+                await self._on_broker(message.broker)
                 continue
             events = message.events if isinstance(message, TokenEvents) else (message,)
             for event in events:
                 if isinstance(event, (TokenEvent, ErrorEvent)):
                     entry = self._open.get(event.client_request_id)
                     if entry is not None:
-                        entry.deliver(event)
+                        if isinstance(event, TokenEvent):
+                            event = entry.accept(event)
+                        if event is not None:
+                            entry.deliver(event)
+
+    async def _on_broker(self, epoch: int) -> None:
+        """A Pong says which broker incarnation answers. When it is a new one (the broker restarted at the same
+        address), every open request is submitted again with the tokens received so far: the new broker goes
+        on from there, and callers see nothing but a pause."""
+        self._broker = epoch
+        for client_request_id, entry in list(self._open.items()):
+            if entry.request is None:
+                continue
+            if entry.broker is None:
+                entry.broker = epoch
+            elif entry.broker != epoch:
+                entry.broker = epoch
+                await self._send(msgspec.structs.replace(entry.request, resume=list(entry.received)))
 
     async def _ping(self) -> None:
         while True:
@@ -167,25 +218,32 @@ class Client:
 
     async def status(self, timeout_s: float = 5.0) -> StatusReply:
         """The broker's view of its pipelines (ready, healthy, load)."""
-        self._status = asyncio.get_running_loop().create_future()
-        await self._send(StatusRequest())
-        return await asyncio.wait_for(self._status, timeout_s)
+        nonce = next(self._nonces)
+        self._status[nonce] = waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._send(StatusRequest(nonce))
+            return await asyncio.wait_for(waiter, timeout_s)
+        finally:
+            self._status.pop(nonce, None)
 
     @contextlib.asynccontextmanager
     async def _opened(self, request: GenerateRequest, entry: _Open):
         """Register the request and send it; on the way out forget it, and cancel it at the broker unless it
         ended (finished or failed there)."""
         request_id = request.client_request_id
+        entry.request, entry.broker = request, self._broker
         self._open[request_id] = entry
         ended = [False]
         try:
             await self._send(request)
+            if self._broker is None:  # learn which broker took it, so a restart of it can be told
+                await self._send(Ping())
             yield ended
         finally:
             self._open.pop(request_id, None)
             if not ended[0]:
                 with contextlib.suppress(zmq.ZMQError):
-                    self.socket.send_multipart(encode_control(CancelRequest(request_id)), flags=zmq.NOBLOCK)
+                    send_now(self.socket, encode_control(CancelRequest(request_id)))
 
     def _patience(self, request: GenerateRequest) -> float:
         """How long to wait for word from the broker: past the request's own deadline, it is gone."""

@@ -304,9 +304,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         reply = client.status()
     for p in reply.pipelines:
         cached = ", ".join(f"{stage}:{n}" for stage, n in sorted(p.cached_requests.items()))
+        blocks = ", ".join(f"{stage}:{p.kv_blocks_used.get(stage, 0)}/{total}"
+                           for stage, total in sorted(p.kv_blocks_total.items()))
+        bad = ", ".join(f"{stage}:{n}" for stage, n in sorted(p.bad_messages.items()))
+        incarnations = ", ".join(f"{stage}:{n:016x}" for stage, n in sorted(p.incarnations.items()))
         print(f"{p.id}: ready={p.ready} healthy={p.healthy} in_flight={p.in_flight} "
-              f"stages={','.join(p.stages_ready)} requests_cached=[{cached}]")
-    print(f"queued: {reply.queued}")
+              f"stages={','.join(p.stages_ready)} requests_cached=[{cached}] kv_blocks=[{blocks}] "
+              f"bad_messages=[{bad}] incarnations=[{incarnations}] restarts={p.restarts}"
+              + (f" failure={p.failure!r}" if p.failure else ""))
+    failed = ", ".join(f"{code}:{n}" for code, n in sorted(reply.requests_failed.items()))
+    print(f"queued: {reply.queued}  broker: {reply.broker:016x} bad_messages={reply.bad_messages} "
+          f"attempts={reply.attempts} replayed={reply.replayed} failed_after_last_attempt={reply.gave_up} "
+          f"requests_failed=[{failed}]")
     return 0
 
 

@@ -47,6 +47,11 @@ class BrokerSpec(Struct, frozen=True):
     request_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0  # default per-request deadline
     stage_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 3.0  # silence after which a stage is lost
     client_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0  # silence after which a client is gone
+    # A pipeline holding requests that emits no token for this long, while no stage reports a step that is
+    # still running, has lost work (a dropped micro-batch): it is failed. A step that runs longer than this
+    # counts as stuck.
+    progress_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    max_attempts: Annotated[int, msgspec.Meta(ge=1)] = 4  # per request: the first, and replays after failures
 
 
 class RankSpec(Struct, frozen=True):
@@ -62,6 +67,9 @@ class StageSpec(Struct, frozen=True):
     ranks: list[RankSpec]
     kv_cache_tokens: PositiveInt | None = None  # KV budget; derived from memory when absent
     max_batch_tokens: PositiveInt = 1024  # token budget of one step
+    tp_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0  # a TP rank silent this long while serving is lost
+    start_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 600.0  # for the ranks of a TP group to load and meet
+    idle_release_s: Annotated[float, msgspec.Meta(gt=0)] = 120.0  # KV of a request with no work this long is freed
 
     @property
     def tp(self) -> int:

@@ -32,6 +32,7 @@ class Child:
     name: str  # "broker" or "STAGE:RANK"
     process: subprocess.Popen
     log_path: Path | None
+    args: list[str]
 
 
 class LocalDeployment:
@@ -50,19 +51,33 @@ class LocalDeployment:
     def address(self) -> str:
         return self.deployment.broker.clients
 
-    def _spawn(self, name: str, args: list[str], notify: str) -> None:
-        cmd = [sys.executable, "-m", "hexgen_zmq.cli", *args, "--config", str(self.config), "--notify", notify]
+    def _spawn(self, name: str, args: list[str], notify: str | None) -> Child:
+        cmd = [sys.executable, "-m", "hexgen_zmq.cli", *args, "--config", str(self.config)]
+        if notify is not None:
+            cmd += ["--notify", notify]
         log_path = None
         out = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             log_path = self.log_dir / f"{name.replace(':', '-')}.log"
-            out = open(log_path, "wb")
+            out = open(log_path, "ab")
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None, env=self.env,
                                    start_new_session=True)
         if out is not None:
             out.close()
-        self.children.append(Child(name, process, log_path))
+        child = Child(name, process, log_path, args)
+        self.children.append(child)
+        return child
+
+    def restart(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Stop one process (SIGKILL by default) and start it again with the same arguments, without waiting
+        for it to be ready: how a host restarts a crashed process (tests of faults use it)."""
+        child = next(c for c in self.children if c.name == name)
+        if child.process.poll() is None:
+            child.process.send_signal(sig)
+            child.process.wait(10)
+        self.children.remove(child)
+        self._spawn(name, child.args, None)
 
     def start(self, timeout_s: float = 180.0, stop_requested: Callable[[], bool] = lambda: False) -> None:
         """Start everything and return once the broker and every stage leader said ready. A LaunchError

@@ -14,6 +14,13 @@ import msgspec
 PROTOCOL_VERSION = 1
 
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+# Bounds on what peers send, checked while decoding, so that no id, position or size a peer invents can
+# overflow int64 arithmetic or a tensor constructor further on.
+Id = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Count = Annotated[int, msgspec.Meta(ge=0, lt=2**31)]
+TokenId = Annotated[int, msgspec.Meta(ge=0, lt=2**31)]
+Dim = Annotated[int, msgspec.Meta(ge=0, lt=2**31)]
+MAX_DIMS = 8
 
 
 class Base(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, gc=False, tag=True):
@@ -22,7 +29,7 @@ class Base(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, gc=
 
 class TensorMeta(msgspec.Struct, frozen=True, array_like=True, gc=False):
     dtype: str
-    shape: list[NonNegInt]
+    shape: Annotated[list[Dim], msgspec.Meta(max_length=MAX_DIMS)]
 
 
 # ----------------------------------------------------------------------------------------------- sampling
@@ -76,19 +83,30 @@ class TokenLogprob(msgspec.Struct, frozen=True, array_like=True, omit_defaults=T
 class Submit(Base, frozen=True):
     """A new request for a pipeline's first stage."""
 
-    request_id: int
-    prompt: list[int]
+    request_id: Id
+    prompt: list[TokenId]
     params: SamplingParams
-    eos_token_ids: list[int] = []
+    eos_token_ids: list[TokenId] = []
     timeout_s: float | None = None
-    kv_budget_blocks: int = 0  # the smallest KV cache of the pipeline's stages, in blocks (0: unknown)
+    kv_budget_blocks: Count = 0  # the smallest KV cache of the pipeline's stages, in blocks (0: unknown)
+    broker: Id = 0  # the incarnation of the broker that sent it (see BrokerEpoch)
+    generated: Count = 0  # output tokens emitted before this attempt (the end of `prompt`); 0 for a new request
 
 
 class Cancel(Base, frozen=True):
     """Drop requests (client cancel, deadline, lost client). Passed down the pipeline as a release."""
 
-    request_ids: list[int]
+    request_ids: list[Id]
     reason: str = "cancelled"
+    broker: Id = 0
+
+
+class BrokerEpoch(Base, frozen=True):
+    """Broker -> first stages, at start and then every tick: the broker's incarnation (its start time in
+    microseconds). A first stage that sees a later one drops the requests of earlier incarnations, whose
+    clients no broker serves any more."""
+
+    broker: Id
 
 
 # ------------------------------------------------------------------------------------ stage -> stage
@@ -98,43 +116,51 @@ class Segment(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """`n_tokens` tokens of one request starting at position `start`; `sample` when its last token's logits
     give the request's next token (the end of a prompt, or a decode step)."""
 
-    request_id: int
-    start: NonNegInt
-    n_tokens: NonNegInt
+    request_id: Id
+    start: Count
+    n_tokens: Count
     sample: bool
+
+
+class TokenRecord(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, gc=False):
+    """One sampled token of one request; token -1 is a failure of that request alone, `reason` its message
+    and `code` the client-facing error code."""
+
+    request_id: Id
+    token: Annotated[int, msgspec.Meta(ge=-1, lt=2**31)]
+    finished: bool = False
+    reason: str | None = None  # "eos", "stop", "length"; or an error message when token < 0
+    code: str | None = None  # for token < 0: "invalid_request", "stage_failed", ...
+    logprobs: TokenLogprob | None = None  # when the request asked for them
 
 
 class NewRequest(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, gc=False):
     """Announces a request to the later stages, with what the last stage needs to sample and stop."""
 
-    request_id: int
-    total_tokens: int  # prompt + max_new_tokens: what its cache may grow to
+    request_id: Id
+    total_tokens: Count  # prompt + max_new_tokens: what its cache may grow to
     params: SamplingParams
-    eos_token_ids: list[int] = []
+    eos_token_ids: list[TokenId] = []
+    generated: Count = 0  # output tokens before this attempt: the sampler's first token index
 
 
 class MicroBatch(Base, frozen=True):
     """One unit of work between stages: segments packed along the token axis of one tensor
     (token ids into the first stage's layers, hidden states after)."""
 
-    batch_id: int
+    batch_id: Id
     segments: list[Segment]
     new: list[NewRequest] = []
-    release: list[int] = []
+    release: list[Id] = []
+    failed: list[TokenRecord] = []  # requests a stage could not run: their segments were taken out
 
 
-class TokenRecord(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, gc=False):
-    request_id: int
-    token: int
-    finished: bool = False
-    reason: str | None = None  # "eos", "stop", "length"; or an error message when token < 0
-    logprobs: TokenLogprob | None = None  # when the request asked for them
 
 
 class Feedback(Base, frozen=True):
     """Last stage -> first stage: the sampled tokens of one micro-batch (the decode loop's back edge)."""
 
-    batch_id: int
+    batch_id: Id
     records: list[TokenRecord]
 
 
@@ -146,12 +172,19 @@ class StageReady(Base, frozen=True):
     rank: int
     pid: int
     kv_capacity_tokens: int = 0
+    incarnation: Id = 0  # random per start of the stage: a restart is told apart from a late message
 
 
 class Heartbeat(Base, frozen=True):
     stage_id: str
-    kv_capacity_tokens: int = 0
-    running: int = 0
+    kv_capacity_tokens: Count = 0
+    running: Count = 0  # requests holding KV cache here
+    kv_blocks_used: Count = 0
+    kv_blocks_total: Count = 0
+    bad_messages: Count = 0  # messages this stage rejected since it started
+    step_running_s: float = 0.0  # how long the step now computing has run (0: idle)
+    failed_requests: Count = 0  # requests this stage failed alone (bad parameters, a sampling error, ...)
+    incarnation: Id = 0
 
 
 class Tokens(Base, frozen=True):
@@ -159,6 +192,7 @@ class Tokens(Base, frozen=True):
 
     pipeline_id: str
     records: list[TokenRecord]
+    incarnation: Id = 0  # of the last stage that sampled them
 
 
 class StageFailed(Base, frozen=True):
@@ -166,7 +200,9 @@ class StageFailed(Base, frozen=True):
 
     stage_id: str
     message: str
-    request_ids: list[int] = []
+    request_ids: list[Id] = []
+    code: str = "stage_failed"  # for request_ids: the error code their clients get
+    incarnation: Id = 0
 
 
 class BrokerReady(Base, frozen=True):
@@ -188,6 +224,9 @@ class GenerateRequest(Base, frozen=True):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     timeout_s: float | None = None
+    # Tokens this request already produced under an earlier broker incarnation (the client resubmits it when
+    # a new broker answers): they are part of the prompt, generation goes on from the next one.
+    resume: list[int] = []
 
 
 class CancelRequest(Base, frozen=True):
@@ -198,8 +237,15 @@ class Ping(Base, frozen=True):
     """Keeps a client's requests alive; a client silent for too long is taken to be gone."""
 
 
+class Pong(Base, frozen=True):
+    """The broker's answer to a Ping: its incarnation, so a client can tell that a new broker answers (and
+    resubmit what the old one had in flight)."""
+
+    broker: int
+
+
 class StatusRequest(Base, frozen=True):
-    pass
+    nonce: int = 0  # echoed in the reply, so concurrent requests each get their own answer
 
 
 class TokenEvent(Base, frozen=True):
@@ -211,6 +257,7 @@ class TokenEvent(Base, frozen=True):
     prompt_tokens: int = 0
     pipeline: str | None = None  # on the last event: the pipeline that served the request
     logprobs: list[TokenLogprob] = []  # one per token, when the request asked for them
+    index: int = -1  # position in the output of tokens[0]: clients drop duplicates and refuse gaps
 
 
 class TokenEvents(Base, frozen=True):
@@ -232,16 +279,29 @@ class PipelineStatus(msgspec.Struct, frozen=True, gc=False):
     in_flight: int
     stages_ready: list[str]
     cached_requests: dict[str, int] = {}  # per stage: requests holding KV cache (from heartbeats)
+    kv_blocks_used: dict[str, int] = {}  # per stage
+    kv_blocks_total: dict[str, int] = {}  # per stage
+    bad_messages: dict[str, int] = {}  # per stage: messages it rejected
+    failure: str | None = None  # why the pipeline is unhealthy
+    incarnations: dict[str, int] = {}  # per stage: the incarnation serving now
+    restarts: int = 0  # stage incarnations this pipeline has seen replaced or failed
 
 
 class StatusReply(Base, frozen=True):
     pipelines: list[PipelineStatus]
     queued: int = 0
+    nonce: int = 0
+    bad_messages: int = 0  # messages the broker rejected
+    requests_failed: dict[str, int] = {}  # per error code, since the broker started
+    broker: int = 0  # the broker's incarnation
+    replayed: int = 0  # requests moved to another attempt after their pipeline failed
+    attempts: int = 0  # attempts started, first ones included
+    gave_up: int = 0  # requests failed after their last allowed attempt
 
 
 Message = Union[
-    Submit, Cancel, MicroBatch, Feedback, StageReady, Heartbeat, Tokens, StageFailed, BrokerReady,
-    GenerateRequest, CancelRequest, Ping, StatusRequest, TokenEvent, TokenEvents, ErrorEvent, StatusReply,
+    Submit, Cancel, BrokerEpoch, MicroBatch, Feedback, StageReady, Heartbeat, Tokens, StageFailed, BrokerReady,
+    GenerateRequest, CancelRequest, Ping, Pong, StatusRequest, TokenEvent, TokenEvents, ErrorEvent, StatusReply,
 ]
 
 

@@ -44,7 +44,7 @@ class Request:
 
 class Scheduler:
     def __init__(self, capacity_blocks: int, block_size: int, max_batch_tokens: int, depth: int,
-                 micro_batches: int | None = None, clock=time.monotonic):
+                 micro_batches: int | None = None, clock=time.monotonic, max_waiting: int = 4096):
         self.own_capacity_blocks = self.capacity_blocks = capacity_blocks
         self.block_size = block_size
         self.max_batch_tokens = max_batch_tokens
@@ -52,46 +52,75 @@ class Scheduler:
         self.micro_batches = max(1, min(micro_batches or self.depth, self.depth))
         self.clock = clock
         self.waiting: deque[Request] = deque()
+        self.waiting_ids: set[int] = set()
+        self.max_waiting = max_waiting
         self.running: dict[int, Request] = {}
         self.reserved_blocks = 0
         self.pending_release: list[int] = []
         # micro-batches on their way through the pipeline -> the requests in them that are still alive
         self.in_flight: dict[int, set[int]] = {}
+        # ... and of those, the ones whose sampled token (or failure) has not come back yet
+        self.awaiting: dict[int, set[int]] = {}
         self._next_batch_id = 0
 
     # ------------------------------------------------------------------ events
-    def submit(self, submit: Submit) -> None:
+    def submit(self, submit: Submit) -> bool:
+        """Queue a new request. False when it is a duplicate, or when `max_waiting` requests already wait
+        (the broker bounds what it sends; this bounds what anyone else could)."""
+        if submit.request_id in self.running or submit.request_id in self.waiting_ids:
+            return False  # a duplicate delivery
+        if len(self.waiting) >= self.max_waiting:
+            return False
         if submit.kv_budget_blocks:  # the broker's view of the smallest cache in the pipeline
             self.capacity_blocks = min(self.own_capacity_blocks, submit.kv_budget_blocks)
         total = len(submit.prompt) + submit.params.max_new_tokens
         deadline = None if submit.timeout_s is None else self.clock() + submit.timeout_s
-        if submit.request_id in self.running or any(r.id == submit.request_id for r in self.waiting):
-            return  # a duplicate delivery
         self.waiting.append(Request(submit, total, deadline))
+        self.waiting_ids.add(submit.request_id)
+        return True
+
+    def requests_of_other_brokers(self, broker: int) -> list[int]:
+        """Requests submitted by a broker incarnation other than `broker` (orphans once `broker` took over)."""
+        return [r.id for r in (*self.waiting, *self.running.values()) if r.submit.broker != broker]
 
     def cancel(self, cancel: Cancel) -> list[int]:
         """Drop requests wherever they are; returns the ids that were known."""
         dropped = []
         ids = set(cancel.request_ids)
-        for request in [r for r in self.waiting if r.id in ids]:
-            self.waiting.remove(request)
-            dropped.append(request.id)
+        if ids & self.waiting_ids:
+            for request in [r for r in self.waiting if r.id in ids]:
+                self.waiting.remove(request)
+                self.waiting_ids.discard(request.id)
+                dropped.append(request.id)
         for request_id in ids & self.running.keys():
             self._finish(request_id)
             dropped.append(request_id)
+        # Ids this stage does not know may still hold cache further down (this stage restarted, say): the
+        # release costs nothing where they are unknown too.
+        self.pending_release.extend(sorted(ids - set(dropped) - self.pending_ids()))
         for batch_id, alive in list(self.in_flight.items()):
             alive -= ids
+            self.awaiting[batch_id] -= ids
             if not alive:  # nothing in it is awaited any more (e.g. a stage rejected it): free the slot
-                del self.in_flight[batch_id]
+                del self.in_flight[batch_id], self.awaiting[batch_id]
         return dropped
 
+    def pending_ids(self) -> set[int]:
+        return set(self.pending_release)
+
     def feedback(self, feedback: Feedback) -> bool:
-        """Tokens sampled for one micro-batch came back: feed them in, retire finished requests.
+        """Tokens sampled for one micro-batch came back: feed them in, retire finished requests. Only records
+        of requests in that batch count, and the batch is done once each of its sampled requests has its
+        token or failure, so a stray or forged feedback that reuses its id cannot strand its requests.
         False (and nothing changes) for a batch that is not in flight."""
         if feedback.batch_id not in self.in_flight:
             return False
-        del self.in_flight[feedback.batch_id]
+        members, awaiting = self.in_flight[feedback.batch_id], self.awaiting[feedback.batch_id]
         for record in feedback.records:
+            if record.request_id not in members:
+                continue
+            members.discard(record.request_id)
+            awaiting.discard(record.request_id)
             request = self.running.get(record.request_id)
             if request is None:
                 continue  # cancelled while in flight
@@ -100,6 +129,8 @@ class Scheduler:
                 self._finish(record.request_id)
             else:
                 request.next_token = record.token
+        if not awaiting:
+            del self.in_flight[feedback.batch_id], self.awaiting[feedback.batch_id]
         return True
 
     def expire(self) -> list[int]:
@@ -123,6 +154,7 @@ class Scheduler:
             if self.reserved_blocks + need > self.capacity_blocks:
                 break
             request = self.waiting.popleft()
+            self.waiting_ids.discard(request.id)
             self.reserved_blocks += need
             self.running[request.id] = request
 
@@ -162,7 +194,8 @@ class Scheduler:
             tokens.extend(request.submit.prompt[request.computed : request.computed + n])
             if not request.announced:
                 sub = request.submit
-                new.append(NewRequest(sub.request_id, request.total_tokens, sub.params, sub.eos_token_ids))
+                new.append(NewRequest(sub.request_id, request.total_tokens, sub.params, sub.eos_token_ids,
+                                      sub.generated))
                 request.announced = True
             request.computed += n
             request.in_flight = last_chunk
@@ -174,4 +207,5 @@ class Scheduler:
         self.pending_release = []
         if segments:
             self.in_flight[batch.batch_id] = {seg.request_id for seg in segments}
+            self.awaiting[batch.batch_id] = {seg.request_id for seg in segments if seg.sample}
         return batch, tokens

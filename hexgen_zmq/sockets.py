@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket as _socket
 
 import zmq
@@ -40,6 +41,35 @@ def make_socket(
     else:
         sock.connect(connect)
     return sock
+
+
+def _retrieve(future) -> None:
+    if not future.cancelled():
+        future.exception()  # a queued send that failed later: counted by nobody, but never an unread error
+
+
+def send_now(sock: zmq.Socket, frames: list, copy: bool = True) -> bool:
+    """Send without waiting, from any socket; False when it cannot take the message now (its peer's queue is
+    full, or a ROUTER's peer is not connected). An asyncio socket reports that in the Future it returns
+    (done at once unless an awaited send is still pending, behind which this one then goes), not by raising;
+    sending through a synchronous view of the same socket instead would leave the asyncio socket's pending
+    receive unwoken (ZeroMQ signals its descriptor by edges)."""
+    try:
+        result = sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
+    except zmq.ZMQError as exc:
+        error = exc
+    else:
+        if not isinstance(result, asyncio.Future):
+            return True
+        if not result.done():
+            result.add_done_callback(_retrieve)
+            return True
+        error = result.exception()
+        if error is None:
+            return True
+    if isinstance(error, zmq.Again) or (isinstance(error, zmq.ZMQError) and error.errno == zmq.EHOSTUNREACH):
+        return False
+    raise error
 
 
 def free_port(host: str = "127.0.0.1") -> int:

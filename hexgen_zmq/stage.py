@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,16 +27,18 @@ from hexgen_zmq.block_manager import BLOCK_SIZE, blocks_for
 from hexgen_zmq.checkpoint import ShardPlan
 from hexgen_zmq.deployment import Deployment, DeploymentError, StageSpec, load_deployment
 from hexgen_zmq.model_info import CheckpointError
-from hexgen_zmq.messages import (Cancel, Feedback, Heartbeat, MicroBatch, StageFailed, StageReady, Submit,
-                                 TokenRecord, Tokens)
+from hexgen_zmq.faults import Faults
+from hexgen_zmq.messages import (BrokerEpoch, Cancel, Feedback, Heartbeat, MicroBatch, StageFailed, StageReady,
+                                 Submit, Tokens)
 from hexgen_zmq.model_runner import KVPool, StageModel
 from hexgen_zmq.scheduler import Scheduler
-from hexgen_zmq.sockets import ACTIVATION_HWM, CONTROL_MAX_BYTES, make_socket
-from hexgen_zmq.stage_worker import BadBatch, StageWorker
+from hexgen_zmq.sockets import ACTIVATION_HWM, ACTIVATION_MAX_BYTES, CONTROL_MAX_BYTES, make_socket, send_now
+from hexgen_zmq.stage_worker import BadBatch, StageWorker, StepResult, failure
 from hexgen_zmq.tp import BATCH, KEEPALIVE, STOP, TPGroup
 from hexgen_zmq.wire import DTYPES, WireError, decode, encode
 
 HEARTBEAT_S = 0.5
+IDLE_SWEEP_S = 5.0  # how often a stage looks for requests nobody runs any more
 CPU_KV_BYTES = 1 << 30  # default KV budget of a CPU stage
 GPU_KV_FRACTION = 0.85  # of the memory left free after loading
 
@@ -59,16 +62,19 @@ def kv_blocks(spec: StageSpec, model: StageModel) -> int:
 
 class StageLeader:
     def __init__(self, deployment: Deployment, stage_id: str, worker: StageWorker, tp: TPGroup | None,
-                 notify: str | None):
+                 notify: str | None, faults: Faults | None = None):
         self.deployment = deployment
         self.pipeline, self.index = deployment.stage(stage_id)
         self.spec = self.pipeline.stages[self.index]
         self.first = self.index == 0
         self.last = self.index == len(self.pipeline.stages) - 1
         self.worker, self.tp = worker, tp
+        self.faults = faults or Faults()
         self.log = logging.getLogger(f"stage.{stage_id}")
         self.ctx = zmq.asyncio.Context()
-        self.inbound = make_socket(self.ctx, zmq.PULL, bind=self.spec.inbound)
+        # The first stage only receives control messages and token ids (Submit, Cancel, Feedback).
+        inbound_limit = CONTROL_MAX_BYTES if self.first else ACTIVATION_MAX_BYTES
+        self.inbound = make_socket(self.ctx, zmq.PULL, bind=self.spec.inbound, max_bytes=inbound_limit)
         self.to_broker = make_socket(self.ctx, zmq.PUSH, connect=deployment.broker.results, max_bytes=CONTROL_MAX_BYTES)
         self.downstream = self.to_first = None
         if not self.last:
@@ -81,21 +87,28 @@ class StageLeader:
         if self.first:
             self.scheduler = Scheduler(worker.blocks.num_blocks, worker.blocks.block_size,
                                        self.spec.max_batch_tokens, depth=len(self.pipeline.stages),
-                                       micro_batches=self.pipeline.default_micro_batches())
+                                       micro_batches=self.pipeline.default_micro_batches(),
+                                       max_waiting=deployment.broker.queue_limit + 4 * worker.blocks.num_blocks)
         # bounded: a full queue stops the receive loop, and the upstream stage's send then waits at its HWM
         self.queue: asyncio.Queue[tuple[MicroBatch, torch.Tensor]] = asyncio.Queue(maxsize=ACTIVATION_HWM)
         self.wake = asyncio.Event()
         self.bad_messages = 0
-        self.last_step = time.monotonic()
+        self.dropped_sends = 0
+        self.incarnation = secrets.randbits(63)
+        self.broker_epoch = 0  # the newest broker incarnation seen; requests of older ones are orphans
+        self.batches_received = 0
+        self.step_started: float | None = None  # monotonic start of the step now computing
+        self.last_step = time.monotonic()  # when the executor last ran something for the TP group
         self.handlers = {Submit: self.on_submit, Cancel: self.on_cancel, Feedback: self.on_feedback,
-                         MicroBatch: self.on_micro_batch}
+                         MicroBatch: self.on_micro_batch, BrokerEpoch: self.on_broker_epoch}
 
     # ------------------------------------------------------------------ receiving
-    def reject(self, why: str, request_ids: list[int] = ()) -> None:
+    def reject(self, why: str, request_ids: list[int] = (), code: str = "stage_failed") -> None:
         self.bad_messages += 1
         self.log.warning("rejected message #%d: %s", self.bad_messages, why)
         if request_ids:
-            self.send_broker(StageFailed(self.spec.id, f"stage {self.spec.id}: {why}", list(request_ids)))
+            self.send_broker(StageFailed(self.spec.id, f"stage {self.spec.id}: {why}", list(request_ids), code,
+                                         self.incarnation))
 
     async def receive_loop(self) -> None:
         while True:
@@ -117,12 +130,37 @@ class StageLeader:
                 self.log.exception("handling %s failed", type(message).__name__)
                 self.reject(f"{type(message).__name__}: {exc}")
 
+    def adopt_broker(self, epoch: int) -> bool:
+        """Follow the newest broker incarnation; False for a message of an older one (a stale broker)."""
+        if epoch < self.broker_epoch:
+            return False
+        if epoch > self.broker_epoch:
+            previous, self.broker_epoch = self.broker_epoch, epoch
+            if self.first and previous:
+                orphans = self.scheduler.requests_of_other_brokers(epoch)
+                if orphans:
+                    self.log.info("broker restarted: dropping %d requests of its previous incarnation", len(orphans))
+                    self.scheduler.cancel(Cancel(orphans, "broker restarted"))
+                    self.wake.set()
+        return True
+
+    def on_broker_epoch(self, message: BrokerEpoch, tensors: list) -> None:
+        if self.first:
+            self.adopt_broker(message.broker)
+
     def on_submit(self, message: Submit, tensors: list) -> None:
         if not self.first:
             return self.reject("Submit sent to a stage that is not first", [message.request_id])
+        if tensors:
+            return self.reject("Submit with tensors", [message.request_id])
+        if not self.adopt_broker(message.broker):
+            return self.reject(f"Submit from a broker incarnation ({message.broker}) older than the one served")
         if why := self.invalid_submit(message):  # checked here too, so one bad request cannot fail a batch
-            return self.reject(why, [message.request_id])
-        self.scheduler.submit(message)
+            return self.reject(why, [message.request_id], "invalid_request")
+        if not self.scheduler.submit(message):
+            if message.request_id in self.scheduler.running or message.request_id in self.scheduler.waiting_ids:
+                return self.reject(f"duplicate Submit of request {message.request_id}")
+            return self.reject(f"{len(self.scheduler.waiting)} requests already wait", [message.request_id], "busy")
         self.wake.set()
 
     def invalid_submit(self, message: Submit) -> str | None:
@@ -130,12 +168,14 @@ class StageLeader:
         total = len(message.prompt) + message.params.max_new_tokens
         if not message.prompt:
             return "empty prompt"
-        if min(message.prompt) < 0 or max(message.prompt) >= info.vocab_size:
+        if max(message.prompt) >= info.vocab_size or (message.eos_token_ids and max(message.eos_token_ids) >= info.vocab_size):
             return "prompt token id outside the vocabulary"
         try:
             message.params.validate(info.vocab_size)
         except ValueError as exc:
             return str(exc)
+        if message.timeout_s is not None and not 0 < message.timeout_s < 1e9:
+            return f"timeout_s must be in (0, 1e9), got {message.timeout_s!r}"
         if total > info.max_positions:
             return f"{total} tokens exceed the model's context of {info.max_positions}"
         if blocks_for(total, self.worker.blocks.block_size) > self.worker.blocks.num_blocks:
@@ -158,11 +198,18 @@ class StageLeader:
         ids = [seg.request_id for seg in message.segments]
         if self.first or len(tensors) != 1:
             return self.reject("micro-batch with the wrong number of tensors or sent to a first stage", ids)
+        self.batches_received += 1
+        if self.batches_received == self.faults.drop_batch:
+            self.log.warning("fault injected: dropping micro-batch %d", message.batch_id)
+            return
         await self.queue.put((message, tensors[0]))
 
     # ------------------------------------------------------------------ computing
     def send_broker(self, message) -> None:
-        self.to_broker.send_multipart(encode(message), copy=False)
+        """Control messages to the broker never wait: when it is down and its queue is full, they are dropped
+        (and counted) instead of piling up as unawaited sends."""
+        if not send_now(self.to_broker, encode(message)):
+            self.dropped_sends += 1
 
     async def compute_loop(self) -> None:
         if not self.first:
@@ -177,69 +224,117 @@ class StageLeader:
                 batch, tokens = ready
                 await self.run_batch(batch, torch.tensor(tokens, dtype=torch.int64))
 
-    def _step(self, batch: MicroBatch, inputs: torch.Tensor):
+    def _step(self, batch: MicroBatch, inputs: torch.Tensor) -> StepResult:
+        self.last_step = time.monotonic()
         if self.tp is not None:
             self.tp.send(BATCH, batch, inputs)
+        if self.faults.slow_step_s and any(seg.n_tokens > 1 for seg in batch.segments):
+            self.log.warning("fault injected: this step takes %.1f s longer", self.faults.slow_step_s)
+            time.sleep(self.faults.slow_step_s)
+            self.faults.slow_step_s = 0.0
         return self.worker.step(batch, inputs)
 
+    def _keepalive(self) -> None:
+        if time.monotonic() - self.last_step > HEARTBEAT_S:
+            self.last_step = time.monotonic()
+            self.tp.send(KEEPALIVE)
+
     async def run_batch(self, batch: MicroBatch, inputs: torch.Tensor) -> None:
-        ids = [seg.request_id for seg in batch.segments]
         try:
             self.worker.check(batch, inputs)
-            out = await asyncio.get_running_loop().run_in_executor(self.executor, self._step, batch, inputs)
-        except BadBatch as exc:
+        except BadBatch as exc:  # the batch contradicts itself: a peer's error, nothing of it runs
+            ids = [seg.request_id for seg in batch.segments]
             self.reject(str(exc), ids)
             if self.first:
-                self.scheduler.feedback(Feedback(batch.batch_id, [TokenRecord(i, -1, True, str(exc)) for i in ids]))
+                self.scheduler.feedback(Feedback(batch.batch_id, [failure(i, str(exc)) for i in ids]))
             return
+        self.step_started = time.monotonic()
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self.executor, self._step, batch, inputs)
         except Exception as exc:
+            # The worker fails requests itself; what reaches here is the TP group breaking (a rank died or
+            # timed out), which no later step can survive: the process exits and the broker is told.
             self.log.exception("step failed")
-            if self.tp is not None:  # a broken TP group cannot go on: the process exits and the broker is told
-                self.reject(f"tensor-parallel group lost a rank ({exc})", ids)
-                raise
-            self.reject(f"step failed: {exc}", ids)
-            return
-        self.last_step = time.monotonic()
+            self.reject(f"tensor-parallel group lost a rank ({exc})", [seg.request_id for seg in batch.segments])
+            raise
+        finally:
+            self.step_started = None
+        if len(result.batch.failed) > len(batch.failed):  # part of the batch could not run here: a peer's error
+            own = result.batch.failed[len(batch.failed):]
+            self.bad_messages += 1
+            self.log.warning("failed %d requests alone: %s", len(own), "; ".join(r.reason or "" for r in own[:3]))
         if not self.last:
-            await self.downstream.send_multipart(encode(batch, [out]), copy=False)
+            await self.downstream.send_multipart(encode(result.batch, [result.hidden]), copy=False)
             return
-        if batch.segments:
-            feedback = Feedback(batch.batch_id, out)
+        records = result.records
+        if batch.segments or batch.failed:
+            feedback = Feedback(batch.batch_id, records)
             if self.first:
                 self.scheduler.feedback(feedback)
                 self.wake.set()
             else:
                 await self.to_first.send_multipart(encode(feedback), copy=False)
-        if out:
-            await self.to_broker.send_multipart(encode(Tokens(self.pipeline.id, out)), copy=False)
+        if records:
+            await self.to_broker.send_multipart(encode(Tokens(self.pipeline.id, records, self.incarnation)), copy=False)
+
+    async def release_idle(self) -> None:
+        """Free the cache of requests nobody has run here for `idle_release_s` (every rank alike)."""
+        idle = self.worker.idle_requests(self.spec.idle_release_s)
+        if self.first:
+            idle = [rid for rid in idle if rid not in self.scheduler.running]
+        if idle:
+            self.log.warning("freeing %d requests idle for %g s: %s", len(idle), self.spec.idle_release_s, idle[:5])
+            model = self.worker.model
+            empty = (torch.empty(0, dtype=torch.int64) if model.first
+                     else torch.empty(0, model.info.hidden_size, dtype=model.dtype))
+            await asyncio.get_running_loop().run_in_executor(self.executor, self._step,
+                                                             MicroBatch(0, [], release=idle), empty)
+
+    def heartbeat(self) -> Heartbeat:
+        blocks = self.worker.blocks
+        running = 0.0 if self.step_started is None else time.monotonic() - self.step_started
+        return Heartbeat(self.spec.id, self.worker.capacity_tokens, len(blocks.request_ids()), blocks.used_blocks,
+                         blocks.num_blocks, min(self.bad_messages, 2**31 - 1), running,
+                         min(self.worker.failed_requests, 2**31 - 1), self.incarnation)
 
     async def heartbeat_loop(self) -> None:
-        capacity = self.worker.capacity_tokens
+        """Liveness to the broker, never behind a step: nothing here waits for the compute thread."""
         while True:
-            running = len(self.worker.blocks.request_ids())
-            self.send_broker(Heartbeat(self.spec.id, capacity, running))
+            self.send_broker(self.heartbeat())
             if self.first:
                 self.wake.set()  # lets the scheduler check deadlines
-            if self.tp is not None and time.monotonic() - self.last_step > HEARTBEAT_S:
-                await asyncio.get_running_loop().run_in_executor(self.executor, self.tp.send, KEEPALIVE)
             await asyncio.sleep(HEARTBEAT_S)
 
+    async def keepalive_loop(self) -> None:
+        """Keep the followers' waits short while no step runs: a keep-alive through the compute thread when it
+        has been idle (queued behind any step, so it never holds up the heartbeats), and idle requests freed."""
+        loop = asyncio.get_running_loop()
+        next_sweep = time.monotonic() + IDLE_SWEEP_S
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            if self.tp is not None:
+                await loop.run_in_executor(self.executor, self._keepalive)
+            if time.monotonic() > next_sweep:
+                next_sweep = time.monotonic() + IDLE_SWEEP_S
+                await self.release_idle()
+
     async def run(self) -> None:
-        ready = StageReady(self.spec.id, 0, os.getpid(), self.worker.capacity_tokens)
+        ready = StageReady(self.spec.id, 0, os.getpid(), self.worker.capacity_tokens, self.incarnation)
         self.send_broker(ready)
         if self.notify is not None:
             self.notify.send_multipart(encode(ready))
         self.log.info("ready: layers %s, %d KV tokens, listening on %s", self.spec.layers,
                       self.worker.capacity_tokens, self.spec.inbound)
-        await run_until_first_failure(self.receive_loop(), self.compute_loop(), self.heartbeat_loop())
+        await run_until_first_failure(self.receive_loop(), self.compute_loop(), self.heartbeat_loop(),
+                                      self.keepalive_loop())
 
     def fail(self, message: str) -> None:
         """Tell the broker (and the launcher) that this stage is gone."""
-        failed = StageFailed(self.spec.id, message)
+        failed = StageFailed(self.spec.id, message, incarnation=self.incarnation)
         for sock in (self.to_broker, self.notify):
             if sock is not None:
                 try:
-                    sock.send_multipart(encode(failed), flags=zmq.NOBLOCK)
+                    send_now(sock, encode(failed))
                 except zmq.ZMQError:
                     pass
 
@@ -254,7 +349,8 @@ class StageLeader:
 
 
 def follower_loop(worker: StageWorker, tp: TPGroup, log: logging.Logger) -> None:
-    """Rank > 0: replay every step the leader broadcasts, until it says stop or goes silent."""
+    """Rank > 0: replay every step the leader broadcasts, until it says stop or goes silent. The worker fails
+    requests exactly as the leader's does, so a bad request or a failed step leaves both serving."""
     while True:
         kind, batch, inputs = tp.receive()
         if kind == STOP:
@@ -263,9 +359,11 @@ def follower_loop(worker: StageWorker, tp: TPGroup, log: logging.Logger) -> None
         if kind == KEEPALIVE:
             continue
         try:
-            worker.step(batch, inputs)
+            worker.check(batch, inputs)
         except BadBatch as exc:
             log.warning("rejected batch: %s", exc)
+            continue
+        worker.step(batch, inputs)
 
 
 def build_worker(deployment: Deployment, stage_id: str, rank: int) -> tuple[StageWorker, TPGroup | None]:
@@ -276,7 +374,7 @@ def build_worker(deployment: Deployment, stage_id: str, rank: int) -> tuple[Stag
     device = torch.device(spec.ranks[rank].device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    tp = TPGroup(spec.tp_init, rank, spec.tp, device) if spec.tp > 1 else None
+    tp = TPGroup(spec.tp_init, rank, spec.tp, device, spec.tp_timeout_s, spec.start_timeout_s) if spec.tp > 1 else None
     info = deployment.model_info()
     model = StageModel(info, spec.layers, first=index == 0, last=index == len(pipeline.stages) - 1,
                        dtype=DTYPES[deployment.model.dtype], device=device, shard=ShardPlan.make(info, rank, spec.tp),
@@ -301,7 +399,7 @@ def run_stage(config: str, stage_id: str, rank: int = 0, notify: str | None = No
         if rank > 0:
             follower_loop(worker, tp, log)
             return 0
-        leader = StageLeader(deployment, stage_id, worker, tp, notify)
+        leader = StageLeader(deployment, stage_id, worker, tp, notify, Faults.from_env(stage_id))
         import uvloop
 
         uvloop.run(leader.run())

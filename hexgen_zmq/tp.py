@@ -23,11 +23,17 @@ KEEPALIVE, BATCH, STOP = 0, 1, 2
 
 
 class TPGroup:
-    def __init__(self, init_method: str, rank: int, size: int, device: torch.device, timeout_s: float = 10.0):
+    """Two groups over the same ranks: the world, with the long `start_timeout_s` for what ranks do at
+    their own speed while they start (loading, warming up, agreeing on the cache size), and `group`, with
+    the short `timeout_s`, for serving, where a silent rank is a dead one."""
+
+    def __init__(self, init_method: str, rank: int, size: int, device: torch.device, timeout_s: float = 10.0,
+                 start_timeout_s: float = 600.0):
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
-                                timeout=timedelta(seconds=timeout_s))
-        self.group = dist.group.WORLD
+                                timeout=timedelta(seconds=start_timeout_s))
+        self.world = dist.group.WORLD
+        self.group = dist.new_group(list(range(size)), timeout=timedelta(seconds=timeout_s), backend=backend)
         self.rank, self.size = rank, size
         self.device = device if backend == "nccl" else torch.device("cpu")
 
@@ -57,7 +63,7 @@ class TPGroup:
     def agree_min(self, value: int) -> int:
         """The smallest of every rank's value (e.g. KV blocks derived from each GPU's free memory)."""
         tensor = torch.tensor([value], dtype=torch.int64, device=self.device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=self.group)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=self.world)  # ranks arrive as they finish loading
         return int(tensor.item())
 
     def close(self) -> None:

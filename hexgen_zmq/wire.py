@@ -26,6 +26,7 @@ DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+MAX_TENSOR_BYTES = 1 << 40  # far above any frame a socket admits; keeps shape arithmetic inside int64
 
 # torch.frombuffer warns that ZeroMQ's buffers are read-only; received tensors are only ever read.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
@@ -72,13 +73,20 @@ def decode(frames: Sequence[object]) -> tuple[Message, list[torch.Tensor]]:
         if dtype is None:
             raise WireError(f"tensor {index}: unknown dtype {meta.dtype!r}")
         buffer = _buffer(frame)
+        # Every dimension is below 2**31 (the schema); the product of the non-zero ones must stay inside
+        # int64 too, or torch refuses the shape even when a zero dimension makes the byte count 0.
+        if math.prod(d for d in meta.shape if d) * dtype.itemsize >= MAX_TENSOR_BYTES:
+            raise WireError(f"tensor {index}: shape {meta.shape} of {meta.dtype} is too large")
         expected = math.prod(meta.shape) * dtype.itemsize
         if buffer.nbytes != expected:
             raise WireError(
                 f"tensor {index}: shape {meta.shape} of {meta.dtype} needs {expected} bytes, frame has {buffer.nbytes}"
             )
-        if expected == 0:
-            tensors.append(torch.empty(meta.shape, dtype=dtype))
-        else:
-            tensors.append(torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).view(meta.shape))
+        try:
+            if expected == 0:
+                tensors.append(torch.empty(meta.shape, dtype=dtype))
+            else:
+                tensors.append(torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).view(meta.shape))
+        except (RuntimeError, ValueError, TypeError) as exc:  # whatever else torch refuses is the peer's error
+            raise WireError(f"tensor {index}: {exc}") from None
     return header.body, tensors

@@ -67,13 +67,13 @@ def hf_greedy(model_path: str | Path, prompt: list[int], max_new_tokens: int) ->
     return out[0, len(prompt):].tolist()
 
 
-def local_deployment(directory: Path, model_path, pipelines, edit=None, **broker):
+def local_deployment(directory: Path, model_path, pipelines, edit=None, env=None, **broker):
     """A deployment written to `directory`, to run as `with local_deployment(...) as local:` (starts on
-    entry, stops on exit, whatever happens in between)."""
+    entry, stops on exit, whatever happens in between). `env`: extra environment of every process."""
     from hexgen_zmq.launcher import LocalDeployment
 
     path = write_deployment(directory, model_path, pipelines, edit=edit, **broker)
-    return LocalDeployment(path, log_dir=Path(directory) / "logs", threads=1, start_timeout_s=240.0)
+    return LocalDeployment(path, log_dir=Path(directory) / "logs", threads=1, start_timeout_s=240.0, env=env)
 
 
 async def wait_for(predicate, timeout_s: float = 20.0, interval_s: float = 0.1):

@@ -98,29 +98,59 @@ async def test_stop_token_ends_the_request(deployment, tiny_model):
 
 async def no_cache_held(client: Client) -> bool:
     status = await client.status()
-    return all(sum(p.cached_requests.values()) == 0 for p in status.pipelines) and \
+    return all(sum(p.kv_blocks_used.values()) == 0 for p in status.pipelines) and \
         all(p.in_flight == 0 for p in status.pipelines)
+
+
+TWINS = 9
+
+
+async def only_twins_hold_cache(client: Client, twins: list[asyncio.Task]) -> bool:
+    """Every stage holds exactly the requests in flight on its pipeline, which are the twins, all still
+    running: the other request's cache was freed on every stage before it could have ended by itself."""
+    assert not any(t.done() for t in twins), "a twin finished first: the request could have ended by itself"
+    status = await client.status()
+    return sum(p.in_flight for p in status.pipelines) == len(twins) and \
+        all(n == p.in_flight for p in status.pipelines for n in p.cached_requests.values())
+
+
+def start_twins(client: Client) -> list[asyncio.Task]:
+    """Requests like the one under test that cannot end by themselves soon (ignore_eos, long outputs, and
+    enough of them on every pipeline to slow each other down)."""
+    return [asyncio.create_task(client.generate(prompt_ids=[3, 4, 5, i], max_new_tokens=480, ignore_eos=True))
+            for i in range(TWINS)]
+
+
+async def stop_twins(client: Client, twins: list[asyncio.Task]) -> None:
+    for task in twins:
+        task.cancel()
+    await asyncio.gather(*twins, return_exceptions=True)
+    await wait_for(lambda: no_cache_held(client), timeout_s=20)
 
 
 async def test_cancel_frees_the_cache(deployment):
     async with await connect(deployment) as client:
-        stream = client.stream(prompt_ids=[3, 4, 5, 6], max_new_tokens=400)
+        twins = start_twins(client)
+        stream = client.stream(prompt_ids=[3, 4, 5, 6], max_new_tokens=480, ignore_eos=True)
         got = []
         async for token in stream:
             got.append(token)
             if len(got) == 3:
                 break
         await stream.aclose()
-        await wait_for(lambda: no_cache_held(client), timeout_s=20)
+        await wait_for(lambda: only_twins_hold_cache(client, twins), timeout_s=20, interval_s=0.05)
+        await stop_twins(client, twins)
 
 
 async def test_deadline_fails_the_request_and_frees_the_cache(deployment):
     async with await connect(deployment) as client:
+        twins = start_twins(client)
         with pytest.raises(GenerationError) as err:
-            await asyncio.wait_for(client.generate(prompt_ids=list(range(10, 60)), max_new_tokens=450,
-                                                   timeout_s=0.05), 30)
+            await asyncio.wait_for(client.generate(prompt_ids=list(range(10, 20)), max_new_tokens=480,
+                                                   ignore_eos=True, timeout_s=0.5), 30)
         assert err.value.code == "timeout"
-        await wait_for(lambda: no_cache_held(client), timeout_s=20)
+        await wait_for(lambda: only_twins_hold_cache(client, twins), timeout_s=20, interval_s=0.05)
+        await stop_twins(client, twins)
 
 
 @pytest.mark.parametrize("kwargs, code", [

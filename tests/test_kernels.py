@@ -102,7 +102,7 @@ def test_stage_steps_agree_with_and_without_kernel(tiny_model, monkeypatch):
         outs = []
         for batch in batches:
             total = sum(seg.n_tokens for seg in batch.segments)
-            outs.append(worker.step(batch, torch.randint(3, info.vocab_size, (total,), generator=gen)))
+            outs.append(worker.step(batch, torch.randint(3, info.vocab_size, (total,), generator=gen)).hidden)
         return outs
 
     with_kernel = run()

@@ -58,7 +58,7 @@ def test_two_stage_greedy_equals_hf_generate(tmp_path, family):
     produced: list[list[int]] = [[] for _ in prompts]
     for step in range(new_tokens):
         batch = MicroBatch(step, segments, new if step == 0 else [], [])
-        records = stages[1].step(batch, stages[0].step(batch, inputs))
+        records = stages[1].step(batch, stages[0].step(batch, inputs).hidden).records
         for record in records:
             produced[record.request_id].append(record.token)
         segments = [Segment(i, len(p) + step, 1, True) for i, p in enumerate(prompts)]

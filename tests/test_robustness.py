@@ -73,6 +73,9 @@ async def test_garbage_to_stages_and_broker_leaves_them_serving(deployment, tiny
     hidden = read_model_info(tiny_model).hidden_size
     spec = deployment.deployment
     targets = [s.inbound for p in spec.pipelines for s in p.stages] + [spec.broker.results]
+    junk = len(junk_messages(hidden))
+    async with await Client.connect(deployment.address) as client:
+        before = await client.status()
     ctx = zmq.Context()
     try:
         for target in targets:
@@ -97,7 +100,20 @@ async def test_garbage_to_stages_and_broker_leaves_them_serving(deployment, tiny
         dealer.close()
     finally:
         ctx.term()
-    time.sleep(1.0)
+    from tests.support import wait_for
+
+    def counts(reply):
+        return {**{stage: n for p in reply.pipelines for stage, n in p.bad_messages.items()}, "broker": reply.bad_messages}
+
+    async with await Client.connect(deployment.address) as client:
+        async def all_counted():
+            now, start = counts(await client.status()), counts(before)
+            # each stage refuses all but at most a stray Feedback (legitimate once its batch was cancelled);
+            # the broker refuses what reached its results socket and its client socket
+            stages_ok = all(now[s] - start.get(s, 0) >= junk - 1 for s in now if s != "broker")
+            return stages_ok and now["broker"] - start["broker"] >= 2 * junk - 2
+
+        await wait_for(all_counted, timeout_s=20)
     assert deployment.dead() is None
     await assert_still_serving(deployment, tiny_model)
 
@@ -137,7 +153,7 @@ def long_prompts(tiny_model, n_tokens: int, count: int) -> list[list[int]]:
     pytest.skip("no long-running prompt found for this checkpoint")
 
 
-async def test_killed_stage_fails_its_requests_and_the_other_pipeline_serves(deployment, tiny_model):
+async def test_killed_stage_has_its_requests_replayed_and_the_other_pipeline_serves(deployment, tiny_model):
     prompts = long_prompts(tiny_model, 300, 6)
     async with await Client.connect(deployment.address) as client:
         streams = []
@@ -155,11 +171,11 @@ async def test_killed_stage_fails_its_requests_and_the_other_pipeline_serves(dep
             return [t async for t in stream]
 
         outcomes = await asyncio.wait_for(asyncio.gather(*(drain(s) for s in streams), return_exceptions=True), 50)
-        failed = [o for o in outcomes if isinstance(o, GenerationError)]
-        finished = [o for o in outcomes if isinstance(o, list)]
-        assert len(failed) == in_flight["p0"] and len(finished) == in_flight["p1"], outcomes
-        assert failed[0].code == "stage_failed" and "p0s1" in str(failed[0])
-        assert time.monotonic() - killed_at < 20, "failed well before the 60 s deadline"
+        # p0's requests were replayed on p1 from where they were: every one finishes, as HF says
+        for prompt, outcome in zip(prompts, outcomes):
+            assert outcome == hf_greedy(tiny_model, prompt, 300)[1:], outcome  # the first token came before
+        assert time.monotonic() - killed_at < 40, "replayed well before the 60 s deadline"
+        assert (await client.status()).replayed >= in_flight["p0"]
         # the other pipeline goes on serving, including new requests
         result = await asyncio.wait_for(client.generate(prompt_ids=[4, 5, 6], max_new_tokens=10), 30)
         assert result.token_ids == hf_greedy(tiny_model, [4, 5, 6], 10) and result.pipeline == "p1"

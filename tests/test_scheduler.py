@@ -115,3 +115,41 @@ def test_micro_batches_default_to_the_hardware():
     assert parse_deployment(data).pipelines[0].default_micro_batches() == 2  # a GPU per stage
     data["pipelines"][0]["micro_batches"] = 1
     assert parse_deployment(data).pipelines[0].default_micro_batches() == 1
+
+
+def test_duplicate_and_excess_submits_do_not_grow_the_queue():
+    from hexgen_zmq.messages import SamplingParams, Submit
+    from hexgen_zmq.scheduler import Scheduler
+
+    scheduler = Scheduler(capacity_blocks=1, block_size=16, max_batch_tokens=64, depth=1, max_waiting=3)
+    assert scheduler.submit(Submit(1, [1, 2], SamplingParams(max_new_tokens=4)))
+    assert not scheduler.submit(Submit(1, [1, 2], SamplingParams(max_new_tokens=4)))  # duplicate
+    for i in range(2, 4):
+        assert scheduler.submit(Submit(i, [1, 2], SamplingParams(max_new_tokens=4)))
+    assert not scheduler.submit(Submit(9, [1, 2], SamplingParams(max_new_tokens=4)))  # bound reached
+    assert len(scheduler.waiting) == 3
+
+
+def test_requests_of_an_earlier_broker_are_found_for_dropping():
+    from hexgen_zmq.messages import SamplingParams, Submit
+    from hexgen_zmq.scheduler import Scheduler
+
+    scheduler = Scheduler(capacity_blocks=8, block_size=16, max_batch_tokens=64, depth=1)
+    scheduler.submit(Submit(1, [1, 2], SamplingParams(max_new_tokens=4), broker=100))
+    scheduler.submit(Submit(2, [1, 2], SamplingParams(max_new_tokens=4), broker=200))
+    scheduler.next_batch()
+    assert scheduler.requests_of_other_brokers(200) == [1]
+
+
+def test_a_forged_feedback_reusing_a_batch_id_strands_nothing():
+    from hexgen_zmq.messages import Feedback, SamplingParams, Submit, TokenRecord
+    from hexgen_zmq.scheduler import Scheduler
+
+    scheduler = Scheduler(capacity_blocks=8, block_size=16, max_batch_tokens=64, depth=1)
+    scheduler.submit(Submit(1, [1, 2, 3], SamplingParams(max_new_tokens=4)))
+    batch, _ = scheduler.next_batch()
+    assert scheduler.feedback(Feedback(batch.batch_id, [TokenRecord(999, 5)]))  # someone else's record
+    assert scheduler.next_batch() is None  # the real batch is still awaited
+    assert scheduler.feedback(Feedback(batch.batch_id, [TokenRecord(1, 7)]))
+    follow, tokens = scheduler.next_batch()
+    assert tokens == [7] and follow.segments[0].request_id == 1

@@ -46,7 +46,7 @@ async def wait_for_in_flight(client: Client, count: int) -> dict[str, int]:
     return await wait_for(dispatched, timeout_s=20, interval_s=0.02)
 
 
-async def test_killing_a_follower_fails_its_pipeline_not_the_other(deployment, tiny_model):
+async def test_killing_a_follower_replays_its_pipelines_requests_on_the_other(deployment, tiny_model):
     async with await Client.connect(deployment.address) as client:
         requests = []
         for i in range(6):  # until p1 holds one (the broker sends the first ones to the faster pipeline)
@@ -59,10 +59,10 @@ async def test_killing_a_follower_fails_its_pipeline_not_the_other(deployment, t
         os.kill(deployment.pid("p1s1:2"), signal.SIGKILL)
         start = time.monotonic()
         outcomes = await asyncio.wait_for(asyncio.gather(*requests, return_exceptions=True), 55)
-        errors = [o for o in outcomes if isinstance(o, Exception)]
-        assert errors and all(o.pipeline == "p0" for o in outcomes if not isinstance(o, Exception))
-        assert all(isinstance(e, GenerationError) and e.code in ("stage_failed", "no_pipeline") for e in errors), errors
-        assert time.monotonic() - start < 40, "an error, not a hang"
+        # p1's requests were replayed on p0: none is lost, each has all its tokens
+        assert all(not isinstance(o, Exception) and len(o.token_ids) == 200 for o in outcomes), outcomes
+        assert any(o.pipeline == "p0" for o in outcomes)
+        assert time.monotonic() - start < 50, "replayed, not hung"
         # p1 is now marked failed; p0 keeps answering correctly
         async def p1_down():
             status = await client.status()
