@@ -96,7 +96,7 @@ async def healthy(client: Client) -> bool:
         return False
 
 
-async def run_with_fault(deployment, expected, fault, client: Client | None = None) -> float:
+async def run_with_fault(deployment, expected, fault, client: Client | None = None, greedy_only: bool = False) -> float:
     """Start the 16 streams, wait until both pipelines hold some and every stream has a token, apply
     `fault()`, and check that every stream completes with the expected tokens. Returns the seconds from
     the fault to the last stream's end."""
@@ -104,6 +104,9 @@ async def run_with_fault(deployment, expected, fault, client: Client | None = No
     client = client or await Client.connect(deployment.address)
     try:
         jobs = workload()
+        if greedy_only:
+            expected = [want for job, want in zip(jobs, expected) if "seed" not in job]
+            jobs = [job for job in jobs if "seed" not in job]
         streams = [client.stream(**job) for job in jobs]
         got = [[await asyncio.wait_for(anext(s), 60)] for s in streams]
         status = await client.status()
@@ -165,6 +168,17 @@ async def test_a_killed_tp_follower_loses_no_request_and_its_stage_rejoins(deplo
         await wait_for(lambda: healthy(client), timeout_s=120, interval_s=0.3)
 
 
+async def test_a_killed_tp_leader_loses_no_request(deployment, expected):
+    async def kill():
+        os.kill(deployment.pid("p0s0:0"), signal.SIGKILL)
+
+    async with Client.connect(deployment.address) as client:
+        await run_with_fault(deployment, expected, kill, client)
+        deployment.restart("p0s0:0")
+        deployment.restart("p0s0:1")
+        await wait_for(lambda: healthy(client), timeout_s=120, interval_s=0.3)
+
+
 async def test_a_broker_restart_loses_no_stream(deployment, expected):
     async def restart():
         deployment.restart("broker")
@@ -193,3 +207,24 @@ async def test_with_every_pipeline_down_requests_wait_then_fail_at_their_deadlin
             for pid in pids:
                 os.kill(pid, signal.SIGCONT)
         await wait_for(lambda: healthy(client), timeout_s=60, interval_s=0.3)
+
+
+@pytest.fixture(scope="module")
+def patient(tiny_model, tmp_path_factory):
+    """A deployment whose broker waits 60 s for heartbeats: only a stage's new incarnation can tell it that
+    the stage restarted."""
+    with local_deployment(tmp_path_factory.mktemp("patient"), tiny_model, [[(0, 3, 1), (3, 6, 1)], [(0, 6, 1)]],
+                          request_timeout_s=120, stage_timeout_s=60.0, progress_timeout_s=60.0) as local:
+        yield local
+
+
+async def test_a_stage_restarted_inside_the_heartbeat_timeout_is_recognised(patient, expected):
+    async def kill_and_restart():
+        patient.restart("p0s1:0")  # SIGKILL, then the same command again at once
+
+    async with Client.connect(patient.address) as client:
+        elapsed = await run_with_fault(patient, expected, kill_and_restart, client, greedy_only=True)
+        assert elapsed < 50, "recognised by its incarnation, long before the 60 s timeouts"
+        await wait_for(lambda: healthy(client), timeout_s=60, interval_s=0.3)
+        assert (await client.status()).replayed >= 1
+    assert "stage p0s1 restarted" in (patient.log_dir / "broker.log").read_text()
