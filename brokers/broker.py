@@ -1,12 +1,11 @@
 """The broker: `hexgen-zmq broker --config F`, the front door of a deployment.
 
-Clients talk to its ROUTER. It checks each request (tokenizing text and chat messages), admits it to a
-pipeline whose KV budget can hold it, the one where it would get its tokens fastest (each pipeline's observed
-pace between tokens, scaled by its load), or queues it, up to a bound, then answers busy; and it streams
-tokens back as the last stages report them. It is not on the per-token path between stages: the
-decode loop closes inside each pipeline. It enforces deadlines, cancels work of clients that cancel or go
-silent, watches stage heartbeats, and fails the requests of a pipeline that lost a stage with a clear error
-while the other pipelines keep serving.
+Clients talk to its ROUTER; stages report to its results PULL; it pushes Submit / Cancel to each pipeline's
+first stage. Every decision (admission by KV budget, dispatch to the pipeline where a request would get its
+tokens soonest, deadlines, cancellation, heartbeats and incarnations, the progress watchdog, replay of a
+failed pipeline's requests) is `hexgen_zmq.broker_state.BrokerState`; this process is its I/O shell: it
+decodes what arrives, hands it to the state machine, sends what the machine put in its outbox, holds events
+for clients that cannot take them yet, and tokenizes text prompts on a thread of their own.
 """
 
 from __future__ import annotations
@@ -14,173 +13,43 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
 import time
-from collections import Counter, deque
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
-import msgspec
 import zmq
 import zmq.asyncio
 
 from hexgen_zmq.aio import run_until_first_failure
-from hexgen_zmq.block_manager import BLOCK_SIZE, blocks_for
-from hexgen_zmq.deployment import Deployment, DeploymentError, PipelineSpec, load_deployment
-from hexgen_zmq.messages import (BrokerEpoch, BrokerReady, Cancel, CancelRequest, ErrorEvent, GenerateRequest, Heartbeat,
-                                 PipelineStatus, Ping, Pong, StageFailed, StageReady, StatusReply, StatusRequest, Submit,
-                                 TokenEvent, TokenEvents, Tokens, WireError, decode_control, encode_control)
-from hexgen_zmq.model_info import ModelInfo
-from hexgen_zmq.replay import continuation, replayable
+from hexgen_zmq.broker_state import BrokerState, PipelineState, RequestError, ToClient, Tokenizing
+from hexgen_zmq.deployment import Deployment, DeploymentError, load_deployment
+from hexgen_zmq.messages import BrokerReady, GenerateRequest, WireError, decode_control, encode_control
 from hexgen_zmq.sockets import CONTROL_MAX_BYTES, make_socket, send_now
 
 log = logging.getLogger("broker")
 TICK_S = 0.05
-EPOCH_EVERY_S = 1.0  # how often first stages are reminded which broker incarnation serves
 BACKLOG_LIMIT = 10_000  # events held for a client that cannot take them now, before it counts as gone
-LONG_STEP_S = 1.0  # a step running this long, as a heartbeat reports it, holds off the progress watchdog
-MAX_PROMPT_CHARS = 4_000_000  # text and chat prompts beyond this are refused before tokenizing
-PACE_WEIGHT = 0.2  # of each step's new sample in a pipeline's pace (about the last 5 steps count)
 
 
-class RequestError(ValueError):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass
-class PipelineState:
-    spec: PipelineSpec
-    socket: zmq.asyncio.Socket
-    last_seen: dict[str, float] = field(default_factory=dict)  # per stage, of its current incarnation
-    incarnations: dict[str, int] = field(default_factory=dict)  # per stage: the incarnation serving now
-    dead: set[int] = field(default_factory=set)  # incarnations that failed or were replaced
-    capacity_tokens: dict[str, int] = field(default_factory=dict)
-    cached_requests: dict[str, int] = field(default_factory=dict)
-    in_flight: set[int] = field(default_factory=set)
-    reserved_blocks: int = 0
-    healthy: bool = True
-    failure: str | None = None  # why it is unhealthy
-    kv_blocks_used: dict[str, int] = field(default_factory=dict)
-    kv_blocks_total: dict[str, int] = field(default_factory=dict)
-    bad_messages: dict[str, int] = field(default_factory=dict)
-    long_step_seen: float = 0.0  # when a stage last reported a step that had run LONG_STEP_S, not yet stuck
-    pace_s: float | None = None  # seconds between two tokens of one request here (moving average)
-    pace_load: float = 1.0  # requests in flight while that pace was seen (same average)
-
-    def observe_pace(self, seconds: float, load: int) -> None:
-        """One step's tokens came back: `seconds` since the previous token of the same requests, on average."""
-        if self.pace_s is None:
-            self.pace_s, self.pace_load = seconds, float(max(load, 1))
-        else:
-            self.pace_s += PACE_WEIGHT * (seconds - self.pace_s)
-            self.pace_load += PACE_WEIGHT * (max(load, 1) - self.pace_load)
-
-    def expected_pace_s(self) -> float:
-        """The pace a request joining now would see, taking time per step as proportional to the requests in
-        flight. That overstates what one more request costs a lightly loaded pipeline, so it errs towards
-        spreading requests out; but it follows the load as soon as requests come or go, before any step has
-        shown the change, and a faster pipeline ends up holding more requests than a slower one."""
-        return (self.pace_s or 0.0) * (len(self.in_flight) + 1) / self.pace_load
-
-    @property
-    def ready(self) -> bool:
-        return len(self.incarnations) == len(self.spec.stages)
-
-    @property
-    def capacity_blocks(self) -> int:
-        return min(self.capacity_tokens.values()) // BLOCK_SIZE if self.ready else 0
-
-    def silent_stage(self, now: float, timeout: float) -> str | None:
-        for stage in self.spec.stages:
-            seen = self.last_seen.get(stage.id)
-            if seen is not None and now - seen > timeout:
-                return stage.id
-        return None
-
-
-@dataclass
-class InFlight:
-    """A client's request, across its attempts: `submit` is the current attempt (its id is the key of the
-    broker's table), `first` the attempt with the original prompt, `tokens` every token emitted so far."""
-
-    client: bytes
-    client_request_id: int
-    prompt: list[int]
-    submit: Submit
-    deadline: float
-    blocks: int
-    pipeline: str | None = None
-    tokens: list[int] = field(default_factory=list)
-    last_token_at: float | None = None
-    dispatched_at: float | None = None
-    first: Submit | None = None
-    max_new_tokens: int = 0
-    attempts: int = 1
-
-    def stalled_s(self, now: float, busy_at: float = 0.0) -> float:
-        """Seconds since this request last moved on its pipeline (dispatched, a token came, or the pipeline
-        was seen in the middle of a long step at `busy_at`)."""
-        moved = max(t for t in (self.last_token_at, self.dispatched_at, busy_at) if t is not None)
-        return now - moved
-
-
-@dataclass
-class Tokenizing:
-    """A text or chat request whose prompt is being tokenized off the event loop."""
-
-    cancelled: bool = False
-
-
-class Broker:
+class Broker(BrokerState):
     def __init__(self, deployment: Deployment, notify: str | None = None):
-        self.deployment = deployment
-        self.config = deployment.broker
-        self.info: ModelInfo = deployment.model_info()
-        self.max_context = self.info.max_positions
-        if sliding := self.info.raw.get("sliding_window"):
-            self.max_context = min(self.max_context, int(sliding))  # attention ignores windows: stay inside one
+        super().__init__(deployment, deployment.model_info())
         self.ctx = zmq.asyncio.Context()
         self.clients = make_socket(self.ctx, zmq.ROUTER, bind=self.config.clients, hwm=10000,
                                    max_bytes=CONTROL_MAX_BYTES)
         self.clients.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an event for a client not connected now is held, not lost
         self.results = make_socket(self.ctx, zmq.PULL, bind=self.config.results, hwm=10000,
                                    max_bytes=CONTROL_MAX_BYTES)
-        self.pipelines = {
-            p.id: PipelineState(p, make_socket(self.ctx, zmq.PUSH, connect=p.stages[0].inbound,
-                                               max_bytes=CONTROL_MAX_BYTES))
-            for p in deployment.pipelines
-        }
-        self.stage_pipeline = {s.id: p.id for p in deployment.pipelines for s in p.stages}
+        self.sockets = {p.id: make_socket(self.ctx, zmq.PUSH, connect=p.stages[0].inbound, max_bytes=CONTROL_MAX_BYTES)
+                        for p in deployment.pipelines}
         self.notify = make_socket(self.ctx, zmq.PUSH, connect=notify, max_bytes=CONTROL_MAX_BYTES) if notify else None
-        self.requests: dict[int, InFlight] = {}
-        self.by_client: dict[tuple[bytes, int], int] = {}
-        self.tokenizing: dict[tuple[bytes, int], Tokenizing] = {}
-        self.client_seen: dict[bytes, float] = {}
         self.backlog: dict[bytes, deque] = {}  # per client: events it could not take yet, in order
         self.backlog_since: dict[bytes, float] = {}  # when each backlog last moved
-        self.queue: deque[int] = deque()
-        # This incarnation: its start time orders it after any earlier one (stages drop the orphans of those),
-        # and 31 random bits in every request id keep ids of different incarnations apart.
-        self.epoch = time.time_ns() // 1000
-        self.id_base = secrets.randbits(31) << 32
-        self.next_id = 1
-        self.bad_messages = 0
         self.dropped_sends = 0
-        self.replayed = self.attempts = self.gave_up = 0
-        self.failed_by_code: Counter[str] = Counter()
-        self.tokenizer = self.encoder = None
         self.tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
         self.tasks: set[asyncio.Task] = set()
-        self.last_tick = time.monotonic()
-        self.last_epoch_sent = 0.0
-        self.client_handlers = {GenerateRequest: self.on_generate, CancelRequest: self.on_cancel_request,
-                                Ping: self.on_ping, StatusRequest: self.on_status}
-        self.result_handlers = {Tokens: self.on_tokens, Heartbeat: self.on_heartbeat, StageReady: self.on_ready,
-                                StageFailed: self.on_stage_failed}
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ tokenizer
     def load_tokenizer(self) -> None:
         """Load the checkpoint's tokenizer, if it has one, before serving (text prompts, chat, output text)."""
         from transformers import AutoTokenizer
@@ -193,27 +62,38 @@ class Broker:
         except Exception as exc:  # token-id requests still work
             log.warning("no usable tokenizer in %s (%s): only prompt_ids requests are served", self.info.path, exc)
 
-    def need_tokenizer(self):
-        """The tokenizer that prompts are encoded with (on the tokenizing thread only)."""
-        if self.encoder is None:
-            raise RequestError("invalid_request", "the checkpoint has no tokenizer: send prompt_ids")
-        return self.encoder
+    def start_tokenizing(self, client: bytes, message: GenerateRequest, timeout: float) -> None:
+        """Tokenizing a long text or applying a chat template takes long enough to hold up heartbeats and
+        tokens of every other request: it runs on its own thread, one at a time, and the loop goes on."""
+        self.tokenizing[(client, message.client_request_id)] = Tokenizing()
 
-    def text_of(self, tokens: list[int]) -> str | None:
-        """A finished request's text, decoded on the loop; None without a tokenizer or when it fails."""
-        if self.tokenizer is None:
-            return None
-        try:
-            return self.tokenizer.decode(tokens, skip_special_tokens=True)
-        except Exception:
-            log.exception("decoding a request's text failed")
-            return None
+        async def tokenize() -> None:
+            try:
+                prompt = await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, self.prompt_ids, message)
+                error = None
+            except RequestError as exc:
+                prompt, error = None, (exc.code, str(exc))
+            except Exception as exc:
+                prompt, error = None, ("invalid_request", f"cannot tokenize the prompt: {exc}")
+            self.tokenized(client, message, timeout, prompt, error)
+            self.send_outbox()
 
-    def reject(self, why: str) -> None:
-        self.bad_messages += 1
-        log.warning("rejected message #%d: %s", self.bad_messages, why)
+        task = asyncio.create_task(tokenize())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
-    def to_client(self, client: bytes, message) -> None:
+    # ------------------------------------------------------------------ sending
+    def send_outbox(self) -> None:
+        outbox, self.outbox = self.outbox, []
+        for item in outbox:
+            if isinstance(item, ToClient):
+                self.send_client(item.client, item.message)
+            elif not send_now(self.sockets[item.pipeline], encode_control(item.message)):
+                # the stage is down and its queue full: a lost Submit is caught by the progress watchdog,
+                # a lost Cancel by the stage's own deadline and idle release
+                self.dropped_sends += 1
+
+    def send_client(self, client: bytes, message) -> None:
         """Send, or hold it for the client when it cannot take it now (its queue is full, or it is
         reconnecting): no event, least of all a request's last, is dropped while the client lives."""
         backlog = self.backlog.get(client)
@@ -238,479 +118,48 @@ class Broker:
                 del self.backlog[client], self.backlog_since[client]
                 self.drop_client(client, notify=False)
 
-    def fail(self, request_id: int, code: str, message: str, cancel: bool = True) -> None:
-        request = self.requests.get(request_id)
-        if request is None:
-            return
-        self.failed_by_code[code] += 1
-        self.to_client(request.client, ErrorEvent(request.client_request_id, code, message))
-        self.forget(request_id, cancel=cancel, reason=code)
-
-    def to_pipeline(self, state: PipelineState, message) -> None:
-        """To a pipeline's first stage, never waiting: with the stage down and its queue full the message is
-        dropped and counted (a lost Submit is caught by the progress watchdog, a lost Cancel by the stage's
-        own deadline and idle release), instead of piling up as unawaited sends."""
-        if not send_now(state.socket, encode_control(message)):
-            self.dropped_sends += 1
-
-    def cancel_at(self, state: PipelineState, request_ids: list[int], reason: str) -> None:
-        self.to_pipeline(state, Cancel(request_ids, reason, self.epoch))
-
-    def forget(self, request_id: int, cancel: bool, reason: str = "cancelled") -> None:
-        request = self.requests.pop(request_id)
-        self.by_client.pop((request.client, request.client_request_id), None)
-        if request_id in self.queue:
-            self.queue.remove(request_id)
-        if request.pipeline is not None:
-            state = self.pipelines[request.pipeline]
-            state.in_flight.discard(request_id)
-            state.reserved_blocks -= request.blocks
-            if cancel:
-                self.cancel_at(state, [request_id], reason)
-
-    # ------------------------------------------------------------------ requests
-    def prompt_ids(self, message: GenerateRequest) -> list[int]:
-        given = [x is not None for x in (message.prompt_ids, message.prompt, message.messages)]
-        if sum(given) != 1:
-            raise RequestError("invalid_request", "give exactly one of prompt_ids, prompt or messages")
-        if message.prompt_ids is not None:
-            ids = list(message.prompt_ids)
-        elif message.prompt is not None:
-            ids = self.need_tokenizer()(message.prompt, add_special_tokens=True)["input_ids"]
-        else:
-            self.need_tokenizer()
-            chat = [{"role": m.role, "content": m.content} for m in message.messages]
-            try:
-                ids = self.need_tokenizer().apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
-                                                         return_dict=False)
-            except RequestError:
-                raise
-            except Exception as exc:
-                raise RequestError("invalid_request", f"cannot apply the chat template: {exc}") from None
-            if isinstance(ids, dict) or hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-        if not ids:
-            raise RequestError("invalid_request", "the prompt is empty")
-        bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < self.info.vocab_size)]
-        if bad:
-            raise RequestError("invalid_request", f"prompt token ids outside the vocabulary (size {self.info.vocab_size}): {bad[:5]}")
-        return ids
-
-    def on_generate(self, client: bytes, message: GenerateRequest) -> None:
-        key = (client, message.client_request_id)
-        if key in self.by_client or key in self.tokenizing:
-            return self.to_client(client, ErrorEvent(message.client_request_id, "invalid_request",
-                                                     "a request with this id is already running"))
-        try:
-            message.params.validate(self.info.vocab_size)
-            timeout = message.timeout_s if message.timeout_s is not None else self.config.request_timeout_s
-            if not 0 < timeout < 1e9:
-                raise RequestError("invalid_request", f"timeout_s must be in (0, 1e9), got {timeout}")
-            if message.prompt_ids is None:
-                text = message.prompt or ""
-                size = len(text) + sum(len(m.content) + len(m.role) for m in message.messages or ())
-                if size > MAX_PROMPT_CHARS:
-                    raise RequestError("prompt_too_long", f"a prompt of {size} characters exceeds {MAX_PROMPT_CHARS}")
-                self.need_tokenizer()
-        except RequestError as exc:
-            return self.reply_error(client, message.client_request_id, exc.code, str(exc))
-        except ValueError as exc:
-            return self.reply_error(client, message.client_request_id, "invalid_request", str(exc))
-        if message.prompt_ids is not None:
-            return self.admit(client, message, self.prompt_ids, timeout)
-        # Tokenizing a long text or applying a chat template takes long enough to hold up heartbeats and
-        # tokens of every other request: it runs on its own thread, one at a time, and the loop goes on.
-        self.tokenizing[key] = pending = Tokenizing()
-
-        async def tokenize() -> None:
-            try:
-                prompt = await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, self.prompt_ids, message)
-            except RequestError as exc:
-                prompt, error = None, (exc.code, str(exc))
-            except Exception as exc:
-                prompt, error = None, ("invalid_request", f"cannot tokenize the prompt: {exc}")
-            finally:
-                self.tokenizing.pop(key, None)
-            if pending.cancelled:
-                return
-            if prompt is None:
-                return self.reply_error(client, message.client_request_id, *error)
-            self.admit(client, message, lambda _: prompt, timeout)
-
-        task = asyncio.create_task(tokenize())
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    def reply_error(self, client: bytes, client_request_id: int, code: str, message: str) -> None:
-        self.failed_by_code[code] += 1
-        self.to_client(client, ErrorEvent(client_request_id, code, message))
-
-    def admit(self, client: bytes, message: GenerateRequest, prompt_of, timeout: float) -> None:
-        """Check the tokenized request against the model and the pipelines, then dispatch or queue it. With
-        no pipeline serving (still starting, or all lost) it waits in the queue until one is, or until its
-        deadline."""
-        try:
-            prompt = prompt_of(message)
-            total = len(prompt) + message.params.max_new_tokens
-            if total > self.max_context:
-                raise RequestError("prompt_too_long", f"prompt of {len(prompt)} tokens + max_new_tokens "
-                                   f"{message.params.max_new_tokens} exceeds the model's context of {self.max_context}")
-            if message.resume and (len(message.resume) >= message.params.max_new_tokens or
-                                   any(not 0 <= t < self.info.vocab_size for t in message.resume)):
-                raise RequestError("invalid_request", "resume must be fewer than max_new_tokens tokens of the vocabulary")
-            blocks = blocks_for(total)
-            known = [p for p in self.pipelines.values() if p.ready]
-            if known and blocks > max(p.capacity_blocks for p in known):
-                raise RequestError("too_large", f"{total} tokens do not fit the KV cache of any pipeline")
-        except RequestError as exc:
-            return self.reply_error(client, message.client_request_id, exc.code, str(exc))
-        except ValueError as exc:
-            return self.reply_error(client, message.client_request_id, "invalid_request", str(exc))
-        params = message.params
-        if params.temperature > 0 and params.seed is None:  # a seed of its own, so a replay draws the same
-            params = msgspec.structs.replace(params, seed=secrets.randbits(63))
-        request_id = self.new_request_id()
-        first = Submit(request_id, prompt, params, list(self.info.eos_token_ids), timeout, broker=self.epoch)
-        submit = first
-        if message.resume:  # it ran under an earlier broker: go on after what the client already has
-            submit = continuation(first, list(message.resume), params.max_new_tokens, request_id, self.epoch, timeout)
-        self.requests[request_id] = InFlight(client, message.client_request_id, prompt, submit,
-                                             time.monotonic() + timeout, blocks, tokens=list(message.resume),
-                                             first=first, max_new_tokens=params.max_new_tokens)
-        self.by_client[(client, message.client_request_id)] = request_id
-        self.attempts += 1
-        if not self.dispatch(request_id):
-            if len(self.queue) >= self.config.queue_limit:
-                return self.fail(request_id, "busy", f"all pipelines are full and {len(self.queue)} requests wait")
-            self.queue.append(request_id)
-
-    def new_request_id(self) -> int:
-        request_id = self.id_base | self.next_id
-        self.next_id = self.next_id + 1 if self.next_id < 2**32 - 1 else 1
-        return request_id
-
-    def replay(self, request_id: int, code: str, why: str) -> None:
-        """The request's pipeline failed under it: cancel that attempt, and go on with a new one (a new id:
-        whatever the old one still sends is ignored) from the tokens emitted so far, ahead of the queue, on
-        whichever healthy pipeline can take it first; or fail it once its attempts are used up, or when the
-        failure is the request's own."""
-        request = self.requests.get(request_id)
-        if request is None:
-            return
-        if not replayable(code) or request.attempts >= self.config.max_attempts:
-            if replayable(code):
-                self.gave_up += 1
-                why = f"{why} (after {request.attempts} attempts)"
-            return self.fail(request_id, code, why)
-        self.forget(request_id, cancel=True, reason="replayed")
-        new_id = self.new_request_id()
-        request.submit = continuation(request.first, request.tokens, request.max_new_tokens, new_id, self.epoch,
-                                      request.deadline - time.monotonic())
-        request.pipeline = request.last_token_at = request.dispatched_at = None
-        request.attempts += 1
-        self.requests[new_id] = request
-        self.by_client[(request.client, request.client_request_id)] = new_id
-        self.replayed += 1
-        self.attempts += 1
-        log.info("request %d replayed as %d after %d tokens: %s", request_id, new_id, len(request.tokens), why)
-        if not self.dispatch(new_id):
-            self.queue.appendleft(new_id)
-
-    def dispatch(self, request_id: int) -> bool:
-        """Send the request to the pipeline that can hold it and would serve it fastest; False when none can now."""
-        request = self.requests[request_id]
-        fits = [p for p in self.pipelines.values()
-                if p.ready and p.healthy and p.reserved_blocks + request.blocks <= p.capacity_blocks]
-        if not fits:
-            return False
-        state = min(fits, key=self.dispatch_order(fits))
-        submit = msgspec.structs.replace(request.submit, kv_budget_blocks=state.capacity_blocks)
-        self.to_pipeline(state, submit)
-        state.in_flight.add(request_id)
-        state.reserved_blocks += request.blocks
-        request.pipeline = state.spec.id
-        request.dispatched_at = time.monotonic()
-        return True
-
-    @staticmethod
-    def dispatch_order(candidates: list[PipelineState]):
-        """Sort key among pipelines that can hold a request: the pace it would see (the pipelines' speeds
-        differ), then the fewest requests in flight. Until every candidate has shown its pace, only the
-        count: a pipeline not yet measured would otherwise look infinitely fast and take everything."""
-        paced = all(p.pace_s is not None for p in candidates)
-
-        def key(p: PipelineState) -> tuple:
-            load = p.reserved_blocks / max(p.capacity_blocks, 1)
-            return (p.expected_pace_s() if paced else 0.0, len(p.in_flight), load)
-        return key
-
-    def on_cancel_request(self, client: bytes, message: CancelRequest) -> None:
-        key = (client, message.client_request_id)
-        if pending := self.tokenizing.get(key):
-            pending.cancelled = True
-        request_id = self.by_client.get(key)
-        if request_id is not None:
-            self.fail(request_id, "cancelled", "cancelled by the client")
-
-    def on_ping(self, client: bytes, message: Ping) -> None:
-        """Receiving it refreshed client_seen; the answer tells the client which broker incarnation serves."""
-        self.to_client(client, Pong(self.epoch))
-
-    def on_status(self, client: bytes, message: StatusRequest) -> None:
-        pipelines = [PipelineStatus(p.spec.id, p.ready, p.healthy, len(p.in_flight), sorted(p.last_seen),
-                                    dict(p.cached_requests), dict(p.kv_blocks_used), dict(p.kv_blocks_total),
-                                    dict(p.bad_messages), p.failure, dict(p.incarnations), len(p.dead))
-                     for p in self.pipelines.values()]
-        self.to_client(client, StatusReply(pipelines, len(self.queue), message.nonce, self.bad_messages,
-                                           dict(self.failed_by_code), self.epoch, self.replayed, self.attempts,
-                                           self.gave_up))
-
-    # ------------------------------------------------------------------ results from stages
-    def on_tokens(self, message: Tokens) -> None:
-        """Stream one step's tokens: one message per client, however many of its requests moved."""
-        by_client: dict[bytes, list[TokenEvent]] = {}
-        now = time.monotonic()
-        gaps: list[float] = []
-        state = self.pipelines.get(message.pipeline_id)
-        if state is None:
-            return self.reject(f"tokens from unknown pipeline {message.pipeline_id!r}")
-        serving = state.incarnations.get(state.spec.stages[-1].id)
-        if message.incarnation != serving:  # a late message of an incarnation that is gone, or a forgery
-            if serving is not None:  # (with none yet, this broker has just started: not the sender's fault)
-                self.reject(f"tokens from an incarnation of pipeline {message.pipeline_id!r} that is not serving")
-            return
-        load = len(state.in_flight)
-        for record in message.records:
-            request = self.requests.get(record.request_id)
-            if request is None or request.pipeline != message.pipeline_id:
-                continue
-            if record.token >= self.info.vocab_size:
-                self.reject(f"token {record.token} outside the vocabulary from pipeline {message.pipeline_id}")
-                continue
-            if request.last_token_at is not None:
-                gaps.append(now - request.last_token_at)
-            request.last_token_at = now
-            if record.token < 0:
-                self.replay(record.request_id, record.code or "stage_failed",
-                            record.reason or "a stage rejected the request")
-                continue
-            index = len(request.tokens)
-            request.tokens.append(record.token)
-            logprobs = [record.logprobs] if record.logprobs is not None else []
-            if record.finished:
-                text = self.text_of(request.tokens)
-                event = TokenEvent(request.client_request_id, [record.token], True, record.reason, text,
-                                   len(request.prompt), request.pipeline, logprobs, index)
-            else:
-                event = TokenEvent(request.client_request_id, [record.token], logprobs=logprobs, index=index)
-            by_client.setdefault(request.client, []).append(event)
-            if record.finished:
-                self.forget(record.request_id, cancel=False)
-        for client, events in by_client.items():
-            self.to_client(client, events[0] if len(events) == 1 else TokenEvents(events))
-        if gaps:
-            state.observe_pace(sum(gaps) / len(gaps), load)
-
-    def _stage(self, stage_id: str, incarnation: int, what: str) -> PipelineState | None:
-        """The pipeline of a stage message from a live incarnation; a stage that is new or restarted is
-        registered on the way (a heartbeat counts: a restarted broker never saw the stages' StageReady), and
-        the pipeline of an incarnation it replaces loses its requests. None for a message to ignore."""
-        pipeline = self.stage_pipeline.get(stage_id)
-        if pipeline is None:
-            self.reject(f"{what} from unknown stage {stage_id!r}")
-            return None
-        state = self.pipelines[pipeline]
-        if incarnation in state.dead:
-            return None  # a late message of an incarnation that failed or was replaced
-        current = state.incarnations.get(stage_id)
-        if current != incarnation:
-            if current is not None:
-                state.dead.add(current)
-                self.lose_pipeline(pipeline, f"stage {stage_id} restarted")
-            log.info("stage %s: incarnation %x", stage_id, incarnation)
-            state.incarnations[stage_id] = incarnation
-        return state
-
-    def _seen(self, state: PipelineState, stage_id: str, capacity: int) -> None:
-        now = time.monotonic()
-        state.last_seen[stage_id] = now
-        if capacity > 0:
-            state.capacity_tokens[stage_id] = capacity
-        if not state.healthy and state.ready and state.silent_stage(now, self.config.stage_timeout_s) is None:
-            log.info("pipeline %s is healthy again", state.spec.id)
-            state.healthy, state.failure = True, None
-
-    def on_heartbeat(self, message: Heartbeat) -> None:
-        state = self._stage(message.stage_id, message.incarnation, "heartbeat")
-        if state is None:
-            return
-        state.cached_requests[message.stage_id] = message.running
-        state.kv_blocks_used[message.stage_id] = message.kv_blocks_used
-        state.kv_blocks_total[message.stage_id] = message.kv_blocks_total
-        state.bad_messages[message.stage_id] = message.bad_messages
-        if LONG_STEP_S <= message.step_running_s < self.config.progress_timeout_s:
-            state.long_step_seen = time.monotonic()  # a big prefill, say: the pipeline is working
-        self._seen(state, message.stage_id, message.kv_capacity_tokens)
-
-    def on_ready(self, message: StageReady) -> None:
-        state = self._stage(message.stage_id, message.incarnation, "StageReady")
-        if state is None:
-            return
-        log.info("stage %s ready (pid %d, %d KV tokens)", message.stage_id, message.pid, message.kv_capacity_tokens)
-        self._seen(state, message.stage_id, message.kv_capacity_tokens)
-
-    def on_stage_failed(self, message: StageFailed) -> None:
-        pipeline = self.stage_pipeline.get(message.stage_id)
-        if pipeline is None:
-            return self.reject(f"failure report from unknown stage {message.stage_id!r}")
-        state = self.pipelines[pipeline]
-        if message.incarnation in state.dead:
-            return
-        if message.request_ids:
-            for request_id in message.request_ids:
-                if request_id in self.requests and self.requests[request_id].pipeline == pipeline:
-                    self.replay(request_id, message.code, message.message)
-            return
-        # The stage is gone: this incarnation counts for nothing more; the pipeline serves again once the
-        # stage is back (a new incarnation) and every stage of it is heard from.
-        state.dead.add(message.incarnation)
-        if state.incarnations.get(message.stage_id) == message.incarnation:
-            del state.incarnations[message.stage_id]
-            state.last_seen.pop(message.stage_id, None)
-        self.lose_pipeline(pipeline, message.message)
-
-    def lose_pipeline(self, pipeline: str, why: str) -> None:
-        state = self.pipelines[pipeline]
-        if state.healthy:
-            log.error("pipeline %s lost: %s", pipeline, why)
-        state.healthy = False
-        state.failure = why
-        for request_id in list(state.in_flight):
-            self.replay(request_id, "stage_failed", f"pipeline {pipeline} failed: {why}")
-
     # ------------------------------------------------------------------ loops
     async def client_loop(self) -> None:
         while True:
             frames = await self.clients.recv_multipart(copy=False)
-            client = frames[0].bytes
-            self.client_seen[client] = time.monotonic()
             try:
-                message = decode_control(frames[1:])
-                handler = self.client_handlers.get(type(message))
-                if handler is None:
-                    raise WireError(f"unexpected {type(message).__name__} from a client")
-                handler(client, message)
+                self.on_client_message(frames[0].bytes, decode_control(frames[1:]))
             except WireError as exc:
                 self.reject(str(exc))
             except Exception:
                 log.exception("handling a client message failed")
                 self.bad_messages += 1
+            self.send_outbox()
 
     async def results_loop(self) -> None:
         while True:
             frames = await self.results.recv_multipart(copy=False)
             try:
-                message = decode_control(frames)
-                handler = self.result_handlers.get(type(message))
-                if handler is None:
-                    raise WireError(f"unexpected {type(message).__name__} on the results socket")
-                handler(message)
+                self.on_stage_message(decode_control(frames))
             except WireError as exc:
                 self.reject(str(exc))
             except Exception:
                 log.exception("handling a result failed")
                 self.bad_messages += 1
-
-    def tick(self) -> None:
-        now = time.monotonic()
-        # A loop held up (a slow tokenizer, a pause of the host) has heartbeats waiting unread: judging
-        # silence now would fail healthy stages, so that check waits for the next, timely tick.
-        timely = now - self.last_tick < self.config.stage_timeout_s / 2
-        self.last_tick = now
-        for request_id in [r for r, req in self.requests.items() if now > req.deadline]:
-            request = self.requests[request_id]
-            live = any(p.ready and p.healthy for p in self.pipelines.values())
-            if request.pipeline is None and not live:
-                self.fail(request_id, "no_pipeline", "no pipeline became ready before the request's deadline")
-            else:
-                self.fail(request_id, "timeout", "the request passed its deadline")
-        for state in self.pipelines.values():
-            if timely and state.healthy and (silent := state.silent_stage(now, self.config.stage_timeout_s)):
-                self.lose_pipeline(state.spec.id, f"stage {silent} stopped responding "
-                                   f"(no heartbeat for {self.config.stage_timeout_s:g} s)")
-        self.watch_progress(now)
-        gone = {c for c, seen in self.client_seen.items() if now - seen > self.config.client_timeout_s}
-        for client in gone:
-            self.drop_client(client, notify=True)
-        self.flush_backlogs(now)
-        if now - self.last_epoch_sent > EPOCH_EVERY_S:
-            self.last_epoch_sent = now
-            for state in self.pipelines.values():
-                self.to_pipeline(state, BrokerEpoch(self.epoch))
-        self.dispatch_queued()
-
-    def dispatch_queued(self) -> None:
-        """Dispatch waiting requests in order while a pipeline has room; one that no ready pipeline could
-        ever hold fails instead of blocking the queue."""
-        while self.queue:
-            request_id = self.queue[0]
-            if self.dispatch(request_id):
-                self.queue.popleft()
-                continue
-            known = [p for p in self.pipelines.values() if p.ready]
-            request = self.requests[request_id]
-            if known and request.blocks > max(p.capacity_blocks for p in known):
-                self.fail(request_id, "too_large", f"{request.blocks} KV blocks do not fit any pipeline")
-                continue
-            return
-
-    def watch_progress(self, now: float) -> None:
-        """A request that has not moved for `progress_timeout_s` on a pipeline that heartbeats was lost in
-        it (a dropped micro-batch, a stuck step): it fails with a clear error, and so does the pipeline when
-        nothing in it moves any more. A step that a heartbeat shows running for over LONG_STEP_S (and under
-        the limit) counts as movement, so one long prefill is not mistaken for lost work."""
-        limit = self.config.progress_timeout_s
-        for state in self.pipelines.values():
-            if not state.healthy or not state.in_flight:
-                continue
-            stalled = [r for r in state.in_flight if self.requests[r].stalled_s(now, state.long_step_seen) > limit]
-            if not stalled:
-                continue
-            if len(stalled) == len(state.in_flight):
-                self.lose_pipeline(state.spec.id, f"no progress for {limit:g} s with {len(stalled)} requests in it")
-                continue
-            for request_id in stalled:
-                log.error("request %d made no progress for %g s on %s", request_id, limit, state.spec.id)
-                self.replay(request_id, "stage_failed", f"lost in pipeline {state.spec.id}: no progress for {limit:g} s")
-
-    def drop_client(self, client: bytes, notify: bool) -> None:
-        """A client that went silent: its requests are cancelled, and told so should it come back."""
-        self.client_seen.pop(client, None)
-        for key, pending in self.tokenizing.items():
-            if key[0] == client:
-                pending.cancelled = True
-        for request_id in [r for r, req in self.requests.items() if req.client == client]:
-            log.info("client went away; cancelling request %d", request_id)
-            if notify:
-                self.fail(request_id, "cancelled", f"no word from the client for {self.config.client_timeout_s:g} s")
-            else:
-                self.forget(request_id, cancel=True, reason="client gone")
+            self.send_outbox()
 
     async def tick_loop(self) -> None:
         while True:
             await asyncio.sleep(TICK_S)
             try:
+                self.flush_backlogs(time.monotonic())
                 self.tick()
             except Exception:
                 log.exception("broker tick failed")
+            self.send_outbox()
 
     async def run(self) -> None:
         self.load_tokenizer()
         if self.info.ignored_generation_settings:
             log.warning("generation_config.json sets %s, which requests here do not apply",
                         ", ".join(self.info.ignored_generation_settings))
-        for state in self.pipelines.values():  # first stages drop what an earlier incarnation left running
-            self.to_pipeline(state, BrokerEpoch(self.epoch))
+        self.announce()  # first stages drop what an earlier incarnation left running
+        self.send_outbox()
         if self.notify is not None:
             self.notify.send_multipart(encode_control(BrokerReady(os.getpid())))
         log.info("broker ready: clients at %s, results at %s", self.config.clients, self.config.results)
@@ -734,3 +183,6 @@ def run_broker(config: str, notify: str | None = None) -> int:
         log.error("cannot start: %s", exc)
         return 1
     return 0
+
+
+__all__ = ["Broker", "PipelineState", "run_broker"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import socket as _socket
 
 import zmq
@@ -72,8 +73,25 @@ def send_now(sock: zmq.Socket, frames: list, copy: bool = True) -> bool:
     raise error
 
 
+_random = random.SystemRandom()
+_handed_out: set[int] = set()
+FREE_PORTS = range(20000, 32000)  # below Linux's ephemeral range (32768-60999), where outgoing connections
+# take their local ports: a port handed out there could be taken by a connection before it is bound
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free now (for tests and local deployments)."""
+    for _ in range(200):
+        port = _random.choice(FREE_PORTS)
+        if port in _handed_out:  # not bound yet, maybe: a deployment asks for all its ports first
+            continue
+        with _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            _handed_out.add(port)
+            return port
     with _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from brokers.broker import Broker, PipelineState
+from hexgen_zmq.broker_state import BrokerState, PipelineState
 from hexgen_zmq.deployment import PipelineSpec, RankSpec, StageSpec
 
 
 def pipeline(name: str) -> PipelineState:
     stage = StageSpec(f"{name}s0", (0, 2), "tcp://127.0.0.1:1", "tcp://127.0.0.1:2", [RankSpec("127.0.0.1")])
-    state = PipelineState(PipelineSpec(name, [stage]), socket=None)  # no socket: only the choice is tested
+    state = PipelineState(PipelineSpec(name, [stage]))
     state.last_seen[stage.id], state.capacity_tokens[stage.id] = 0.0, 1 << 16
+    state.incarnations[stage.id] = 1
     return state
 
 
 def assign(states: list[PipelineState], requests: int, next_id: int = 0) -> None:
     for request_id in range(next_id, next_id + requests):
-        chosen = min(states, key=Broker.dispatch_order(states))
+        chosen = min(states, key=BrokerState.dispatch_order(states))
         chosen.in_flight.add(request_id)
 
 
@@ -45,4 +46,4 @@ def test_pace_follows_load_before_any_step_shows_it():
     b.observe_pace(0.010, 10)
     a.in_flight.update(range(10))
     b.in_flight.update(range(100, 104))  # b lost requests since: it is now the better choice
-    assert min([a, b], key=Broker.dispatch_order([a, b])) is b
+    assert min([a, b], key=BrokerState.dispatch_order([a, b])) is b

@@ -1,0 +1,161 @@
+"""The broker's state machine without sockets: events in, outbox out. Replay, bounded attempts, stream
+indices, stale incarnations, waiting with no pipeline, draining."""
+
+from __future__ import annotations
+
+import pytest
+
+from hexgen_zmq.broker_state import BrokerState, ToClient, ToPipeline
+from hexgen_zmq.deployment import load_deployment
+from hexgen_zmq.messages import (Cancel, ErrorEvent, GenerateRequest, Heartbeat, SamplingParams, StageFailed,
+                                 StageReady, Submit, TokenEvent, TokenRecord, Tokens)
+from hexgen_zmq.model_info import read_model_info
+from tests.support import deployment_dict
+
+CLIENT = b"client-1"
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def broker(tiny_model):
+    spec = deployment_dict(tiny_model, [[(0, 6, 1)], [(0, 3, 1), (3, 6, 1)]], max_attempts=3, request_timeout_s=30)
+    deployment = load_deployment(spec)
+    state = BrokerState(deployment, read_model_info(tiny_model), clock=Clock())
+    for p, pipeline in enumerate(deployment.pipelines):
+        for s, stage in enumerate(pipeline.stages):
+            state.on_stage_message(StageReady(stage.id, 0, 100 + s, 4096, incarnation=incarnation(p, s)))
+    state.outbox.clear()
+    return state
+
+
+def incarnation(pipeline: int, stage: int, generation: int = 1) -> int:
+    return 1000 * generation + 10 * pipeline + stage
+
+
+def take(broker: BrokerState) -> list:
+    out, broker.outbox = broker.outbox, []
+    return out
+
+
+def submits(out) -> list[tuple[str, Submit]]:
+    return [(o.pipeline, o.message) for o in out if isinstance(o, ToPipeline) and isinstance(o.message, Submit)]
+
+
+def events(out) -> list:
+    found = []
+    for o in out:
+        if isinstance(o, ToClient):
+            found.extend(getattr(o.message, "events", [o.message]))
+    return found
+
+
+def tokens(broker, pipeline: str, request_id: int, *toks: int, finished: bool = False, generation: int = 1) -> list:
+    p = int(pipeline[1:])
+    last = len(broker.pipelines[pipeline].spec.stages) - 1
+    records = [TokenRecord(request_id, t, finished and i == len(toks) - 1, "length" if finished else None)
+               for i, t in enumerate(toks)]
+    broker.on_stage_message(Tokens(pipeline, records, incarnation(p, last, generation)))
+    return take(broker)
+
+
+def test_a_failed_pipelines_request_goes_on_elsewhere_from_where_it_was(broker):
+    broker.on_client_message(CLIENT, GenerateRequest(7, SamplingParams(max_new_tokens=5), prompt_ids=[3, 4]))
+    [(first_pipeline, first)] = submits(take(broker))
+    got = events(tokens(broker, first_pipeline, first.request_id, 11)) + \
+        events(tokens(broker, first_pipeline, first.request_id, 12))
+    assert [(e.tokens, e.index) for e in got] == [([11], 0), ([12], 1)]
+    p = int(first_pipeline[1:])
+    broker.on_stage_message(StageFailed(broker.pipelines[first_pipeline].spec.stages[0].id, "killed",
+                                        incarnation=incarnation(p, 0)))
+    out = take(broker)
+    cancels = [o.message for o in out if isinstance(o.message, Cancel)]
+    assert cancels and cancels[0].request_ids == [first.request_id]
+    [(second_pipeline, second)] = submits(out)
+    assert second_pipeline != first_pipeline and second.request_id != first.request_id
+    assert second.prompt == [3, 4, 11, 12] and second.params.max_new_tokens == 3 and second.generated == 2
+    assert not events(out), "the client sees nothing but a pause"
+    assert events(tokens(broker, first_pipeline, first.request_id, 99)) == []  # the old attempt is ignored
+    done = events(tokens(broker, second_pipeline, second.request_id, 13, 14, 15, finished=True))
+    assert [e.index for e in done] == [2, 3, 4] and done[-1].finished
+    assert broker.replayed == 1 and broker.gave_up == 0 and not broker.requests
+
+
+def test_attempts_are_bounded(broker):
+    broker.on_client_message(CLIENT, GenerateRequest(1, SamplingParams(max_new_tokens=5), prompt_ids=[3]))
+    for attempt in range(3):
+        [(pipeline, submit)] = submits(take(broker))
+        broker.on_stage_message(StageFailed(broker.pipelines[pipeline].spec.stages[0].id, "rejected",
+                                            [submit.request_id], "stage_failed",
+                                            incarnation=incarnation(int(pipeline[1:]), 0)))
+    [error] = events(take(broker))
+    assert isinstance(error, ErrorEvent) and error.code == "stage_failed" and "after 3 attempts" in error.message
+    assert broker.gave_up == 1
+
+
+def test_a_requests_own_error_is_not_replayed(broker):
+    broker.on_client_message(CLIENT, GenerateRequest(1, SamplingParams(max_new_tokens=5), prompt_ids=[3]))
+    [(pipeline, submit)] = submits(take(broker))
+    broker.on_stage_message(Tokens(pipeline, [TokenRecord(submit.request_id, -1, True, "nan", "sampling_failed")],
+                                   incarnation(int(pipeline[1:]), len(broker.pipelines[pipeline].spec.stages) - 1)))
+    out = take(broker)
+    assert not submits(out) and events(out)[0].code == "sampling_failed"
+
+
+def test_late_messages_of_a_dead_incarnation_are_ignored_and_a_new_one_rejoins(broker):
+    stage = broker.pipelines["p1"].spec.stages[1].id
+    broker.on_stage_message(StageFailed(stage, "gone", incarnation=incarnation(1, 1)))
+    assert not broker.pipelines["p1"].healthy
+    broker.on_stage_message(Heartbeat(stage, 4096, incarnation=incarnation(1, 1)))  # sent before it died
+    assert not broker.pipelines["p1"].ready
+    broker.on_stage_message(StageReady(stage, 0, 200, 4096, incarnation=incarnation(1, 1, generation=2)))
+    assert broker.pipelines["p1"].ready and broker.pipelines["p1"].healthy
+
+
+def test_with_no_pipeline_a_request_waits_then_fails_at_its_deadline(broker):
+    for p, pipeline in enumerate(broker.pipelines.values()):
+        broker.on_stage_message(StageFailed(pipeline.spec.stages[0].id, "down", incarnation=incarnation(p, 0)))
+    take(broker)
+    broker.on_client_message(CLIENT, GenerateRequest(1, SamplingParams(max_new_tokens=5), prompt_ids=[3],
+                                                     timeout_s=5))
+    assert not take(broker) and len(broker.queue) == 1
+    broker.clock.now += 6
+    broker.tick()
+    [error] = [e for e in events(take(broker)) if isinstance(e, ErrorEvent)]
+    assert error.code == "no_pipeline"
+
+
+def test_a_duplicate_request_id_is_refused(broker):
+    broker.on_client_message(CLIENT, GenerateRequest(1, SamplingParams(max_new_tokens=5), prompt_ids=[3]))
+    take(broker)
+    broker.on_client_message(CLIENT, GenerateRequest(1, SamplingParams(max_new_tokens=5), prompt_ids=[3]))
+    [error] = events(take(broker))
+    assert error.code == "invalid_request"
+
+
+def test_draining_moves_every_request_and_takes_no_new_ones(broker):
+    for i in range(4):
+        broker.on_client_message(CLIENT, GenerateRequest(i, SamplingParams(max_new_tokens=5), prompt_ids=[3, i]))
+    placed = submits(take(broker))
+    on_p0 = [s.request_id for p, s in placed if p == "p0"]
+    assert on_p0
+    broker.drain("p0", "redeploy", healthy=True)
+    moved = submits(take(broker))
+    assert len(moved) == len(on_p0) and all(p == "p1" for p, _ in moved)
+    broker.on_client_message(CLIENT, GenerateRequest(9, SamplingParams(max_new_tokens=5), prompt_ids=[3]))
+    assert [p for p, _ in submits(take(broker))] == ["p1"]
+
+
+def test_a_resumed_request_goes_on_after_the_tokens_the_client_has(broker):
+    broker.on_client_message(CLIENT, GenerateRequest(4, SamplingParams(max_new_tokens=6), prompt_ids=[3, 4],
+                                                     resume=[8, 9]))
+    [(pipeline, submit)] = submits(take(broker))
+    assert submit.prompt == [3, 4, 8, 9] and submit.params.max_new_tokens == 4 and submit.generated == 2
+    [event] = events(tokens(broker, pipeline, submit.request_id, 10))
+    assert isinstance(event, TokenEvent) and event.index == 2
