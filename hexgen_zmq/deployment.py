@@ -67,7 +67,7 @@ class StageSpec(Struct, frozen=True):
     ranks: list[RankSpec]
     kv_cache_tokens: PositiveInt | None = None  # KV budget; derived from memory when absent
     max_batch_tokens: PositiveInt = 1024  # token budget of one step
-    tp_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0  # a TP rank silent this long while serving is lost
+    tp_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0  # a TP rank silent this long while serving is lost
     start_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 600.0  # for the ranks of a TP group to load and meet
     idle_release_s: Annotated[float, msgspec.Meta(gt=0)] = 120.0  # KV of a request with no work this long is freed
 
