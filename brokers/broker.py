@@ -21,7 +21,7 @@ import zmq
 import zmq.asyncio
 
 from hexgen_zmq.aio import run_until_first_failure
-from hexgen_zmq.broker_state import BrokerState, PipelineState, RequestError, ToClient, Tokenizing
+from hexgen_zmq.broker_state import BrokerState, PipelineState, ToClient
 from hexgen_zmq.deployment import Deployment, DeploymentError, load_deployment
 from hexgen_zmq.messages import BrokerReady, GenerateRequest, WireError, decode_control, encode_control
 from hexgen_zmq.sockets import CONTROL_MAX_BYTES, make_socket, send_now
@@ -65,17 +65,9 @@ class Broker(BrokerState):
     def start_tokenizing(self, client: bytes, message: GenerateRequest, timeout: float) -> None:
         """Tokenizing a long text or applying a chat template takes long enough to hold up heartbeats and
         tokens of every other request: it runs on its own thread, one at a time, and the loop goes on."""
-        self.tokenizing[(client, message.client_request_id)] = Tokenizing()
-
         async def tokenize() -> None:
-            try:
-                prompt = await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, self.prompt_ids, message)
-                error = None
-            except RequestError as exc:
-                prompt, error = None, (exc.code, str(exc))
-            except Exception as exc:
-                prompt, error = None, ("invalid_request", f"cannot tokenize the prompt: {exc}")
-            self.tokenized(client, message, timeout, prompt, error)
+            encoded = await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, self.encode_prompt, message)
+            self.tokenized(client, message, timeout, *encoded)
             self.send_outbox()
 
         task = asyncio.create_task(tokenize())

@@ -123,9 +123,7 @@ async def run_load(address: str, workload: Workload, concurrency: int | None, ra
             if progress:
                 progress.advance(task)
 
-        start = time.perf_counter()
-        await _drive(one, n, concurrency, rate, seed)
-        wall = time.perf_counter() - start
+        wall = await _drive(one, n, concurrency, rate, seed)
     return [s for s in stats if s is not None], wall
 
 
@@ -187,14 +185,14 @@ async def run_http_load(url: str, workload: Workload, concurrency: int | None, r
             if progress:
                 progress.advance(task)
 
-        start = time.perf_counter()
-        await _drive(one, n, concurrency, rate, seed)
-        wall = time.perf_counter() - start
+        wall = await _drive(one, n, concurrency, rate, seed)
     return [s for s in stats if s is not None], wall
 
 
-async def _drive(one, n: int, concurrency: int | None, rate: float | None, seed: int) -> None:
-    """Closed loop (`concurrency` workers) or open loop (Poisson arrivals at `rate`) over requests 0..n-1."""
+async def _drive(one, n: int, concurrency: int | None, rate: float | None, seed: int) -> float:
+    """Closed loop (`concurrency` workers) or open loop (Poisson arrivals at `rate`) over requests 0..n-1;
+    returns the wall seconds it took."""
+    start = time.perf_counter()
     if rate:
         rng = random.Random(seed + 1)
         tasks = []
@@ -210,6 +208,7 @@ async def _drive(one, n: int, concurrency: int | None, rate: float | None, seed:
                 await one(i)
 
         await asyncio.gather(*(worker() for _ in range(concurrency or 1)))
+    return time.perf_counter() - start
 
 
 def hf_baselines(model_path: str, workload: Workload, one_at_a_time: int, batch_size: int,

@@ -292,21 +292,26 @@ class BrokerState:
         except ValueError as exc:
             return self.reply_error(client, message.client_request_id, "invalid_request", str(exc))
         if message.prompt_ids is not None:
-            return self.admit(client, message, self.prompt_ids, timeout)
+            prompt, error = self.encode_prompt(message)
+            if prompt is None:
+                return self.reply_error(client, message.client_request_id, *error)
+            return self.admit(client, message, prompt, timeout)
+        self.tokenizing[key] = Tokenizing()
         self.start_tokenizing(client, message, timeout)
+
+    def encode_prompt(self, message: GenerateRequest) -> tuple[list[int] | None, tuple[str, str] | None]:
+        """The request's prompt as checked token ids, or the (code, message) of why it has none."""
+        try:
+            return self.prompt_ids(message), None
+        except RequestError as exc:
+            return None, (exc.code, str(exc))
+        except Exception as exc:
+            return None, ("invalid_request", f"cannot tokenize the prompt: {exc}")
 
     def start_tokenizing(self, client: bytes, message: GenerateRequest, timeout: float) -> None:
         """Tokenize a text or chat request, then admit it. Here inline; the broker process does it on a
         thread of its own (a long text would hold up the loop), then calls `tokenized`."""
-        key = (client, message.client_request_id)
-        self.tokenizing[key] = Tokenizing()
-        try:
-            prompt, error = self.prompt_ids(message), None
-        except RequestError as exc:
-            prompt, error = None, (exc.code, str(exc))
-        except Exception as exc:
-            prompt, error = None, ("invalid_request", f"cannot tokenize the prompt: {exc}")
-        self.tokenized(client, message, timeout, prompt, error)
+        self.tokenized(client, message, timeout, *self.encode_prompt(message))
 
     def tokenized(self, client: bytes, message: GenerateRequest, timeout: float, prompt: list[int] | None,
                   error: tuple[str, str] | None) -> None:
@@ -317,18 +322,22 @@ class BrokerState:
             return
         if prompt is None:
             return self.reply_error(client, message.client_request_id, *error)
-        self.admit(client, message, lambda _: prompt, timeout)
+        self.admit(client, message, prompt, timeout)
 
     def reply_error(self, client: bytes, client_request_id: int, code: str, message: str) -> None:
         self.failed_by_code[code] += 1
         self.to_client(client, ErrorEvent(client_request_id, code, message))
 
-    def admit(self, client: bytes, message: GenerateRequest, prompt_of, timeout: float) -> None:
+    def fits_no_pipeline(self, blocks: int) -> bool:
+        """Whether no ready pipeline could ever hold this many KV blocks (False while none is ready)."""
+        known = [p.capacity_blocks for p in self.pipelines.values() if p.ready]
+        return bool(known) and blocks > max(known)
+
+    def admit(self, client: bytes, message: GenerateRequest, prompt: list[int], timeout: float) -> None:
         """Check the tokenized request against the model and the pipelines, then dispatch or queue it. With
         no pipeline serving (still starting, or all lost) it waits in the queue until one is, or until its
         deadline."""
         try:
-            prompt = prompt_of(message)
             total = len(prompt) + message.params.max_new_tokens
             if total > self.max_context:
                 raise RequestError("prompt_too_long", f"prompt of {len(prompt)} tokens + max_new_tokens "
@@ -337,8 +346,7 @@ class BrokerState:
                                    any(not 0 <= t < self.info.vocab_size for t in message.resume)):
                 raise RequestError("invalid_request", "resume must be fewer than max_new_tokens tokens of the vocabulary")
             blocks = blocks_for(total)
-            known = [p for p in self.pipelines.values() if p.ready]
-            if known and blocks > max(p.capacity_blocks for p in known):
+            if self.fits_no_pipeline(blocks):
                 raise RequestError("too_large", f"{total} tokens do not fit the KV cache of any pipeline")
         except RequestError as exc:
             return self.reply_error(client, message.client_request_id, exc.code, str(exc))
@@ -603,9 +611,8 @@ class BrokerState:
             if self.dispatch(request_id):
                 self.queue.popleft()
                 continue
-            known = [p for p in self.pipelines.values() if p.ready]
             request = self.requests[request_id]
-            if known and request.blocks > max(p.capacity_blocks for p in known):
+            if self.fits_no_pipeline(request.blocks):
                 self.fail(request_id, "too_large", f"{request.blocks} KV blocks do not fit any pipeline")
                 continue
             return

@@ -97,16 +97,13 @@ class Scheduler:
             dropped.append(request_id)
         # Ids this stage does not know may still hold cache further down (this stage restarted, say): the
         # release costs nothing where they are unknown too.
-        self.pending_release.extend(sorted(ids - set(dropped) - self.pending_ids()))
+        self.pending_release.extend(sorted(ids - set(dropped) - set(self.pending_release)))
         for batch_id, alive in list(self.in_flight.items()):
             alive -= ids
             self.awaiting[batch_id] -= ids
             if not alive:  # nothing in it is awaited any more (e.g. a stage rejected it): free the slot
                 del self.in_flight[batch_id], self.awaiting[batch_id]
         return dropped
-
-    def pending_ids(self) -> set[int]:
-        return set(self.pending_release)
 
     def feedback(self, feedback: Feedback) -> bool:
         """Tokens sampled for one micro-batch came back: feed them in, retire finished requests. Only records

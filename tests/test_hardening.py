@@ -5,8 +5,6 @@ flight, a huge text prompt, a slow step and a lost micro-batch, and the client's
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,9 +15,8 @@ import torch
 import zmq
 
 from hexgen_zmq.client import Client, GenerationError
-from hexgen_zmq.messages import (HEADER_ENCODER, BrokerEpoch, ErrorEvent, GenerateRequest, Header, MicroBatch, NewRequest, Ping,
-                                 SamplingParams, Segment, Submit, TensorMeta, TokenEvent, decode_control,
-                                 encode_control)
+from hexgen_zmq.messages import (BrokerEpoch, ErrorEvent, GenerateRequest, MicroBatch, NewRequest, Ping,
+                                 SamplingParams, Segment, Submit, TokenEvent, decode_control, encode_control)
 from hexgen_zmq.wire import encode
 from tests.support import hf_greedy, local_deployment, wait_for
 
