@@ -20,8 +20,8 @@ import msgspec
 from hexgen_zmq.block_manager import BLOCK_SIZE, blocks_for
 from hexgen_zmq.deployment import Deployment, PipelineSpec
 from hexgen_zmq.messages import (BrokerEpoch, Cancel, CancelRequest, ErrorEvent, GenerateRequest, Heartbeat,
-                                 Message, PipelineStatus, Ping, Pong, StageFailed, StageReady, StatusReply,
-                                 StatusRequest, Submit, TokenEvent, TokenEvents, Tokens)
+                                 Message, PipelineStatus, Ping, Pong, StageCounters, StageFailed, StageReady,
+                                 StatusReply, StatusRequest, Submit, TokenEvent, TokenEvents, Tokens)
 from hexgen_zmq.model_info import ModelInfo
 from hexgen_zmq.replay import continuation, replayable
 
@@ -54,6 +54,7 @@ class PipelineState:
     kv_blocks_used: dict[str, int] = field(default_factory=dict)
     kv_blocks_total: dict[str, int] = field(default_factory=dict)
     bad_messages: dict[str, int] = field(default_factory=dict)
+    counters: dict[str, StageCounters] = field(default_factory=dict)  # per stage, from its heartbeats
     long_step_seen: float = 0.0  # when a stage last reported a step that had run LONG_STEP_S, not yet stuck
     pace_s: float | None = None  # seconds between two tokens of one request here (moving average)
     pace_load: float = 1.0  # requests in flight while that pace was seen (same average)
@@ -445,7 +446,8 @@ class BrokerState:
     def on_status(self, client: bytes, message: StatusRequest) -> None:
         pipelines = [PipelineStatus(p.spec.id, p.ready, p.healthy, len(p.in_flight), sorted(p.last_seen),
                                     dict(p.cached_requests), dict(p.kv_blocks_used), dict(p.kv_blocks_total),
-                                    dict(p.bad_messages), p.failure, dict(p.incarnations), len(p.dead))
+                                    dict(p.bad_messages), p.failure, dict(p.incarnations), len(p.dead),
+                                    dict(p.counters))
                      for p in self.pipelines.values()]
         self.to_client(client, StatusReply(pipelines, len(self.queue), message.nonce, self.bad_messages,
                                            dict(self.failed_by_code), self.epoch, self.replayed, self.attempts,
@@ -533,6 +535,7 @@ class BrokerState:
         state.kv_blocks_used[message.stage_id] = message.kv_blocks_used
         state.kv_blocks_total[message.stage_id] = message.kv_blocks_total
         state.bad_messages[message.stage_id] = message.bad_messages
+        state.counters[message.stage_id] = message.counters
         if LONG_STEP_S <= message.step_running_s < self.config.progress_timeout_s:
             state.long_step_seen = self.clock()  # a big prefill, say: the pipeline is working
         self._seen(state, message.stage_id, message.kv_capacity_tokens)

@@ -20,6 +20,7 @@ Id = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 Count = Annotated[int, msgspec.Meta(ge=0, lt=2**31)]
 TokenId = Annotated[int, msgspec.Meta(ge=0, lt=2**31)]
 Dim = Annotated[int, msgspec.Meta(ge=0, lt=2**31)]
+Total = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]  # a cumulative counter
 MAX_DIMS = 8
 
 
@@ -175,6 +176,18 @@ class StageReady(Base, frozen=True):
     incarnation: Id = 0  # random per start of the stage: a restart is told apart from a late message
 
 
+class StageCounters(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, gc=False):
+    """A stage's work since it started, cumulative (Prometheus counters: rate() of seconds over steps is the
+    mean step time, of tokens over steps the mean batch size)."""
+
+    steps_total: Total = 0  # micro-batches computed
+    step_seconds_total: float = 0.0  # wall time spent computing them
+    step_tokens_total: Total = 0  # packed token rows of those micro-batches
+    step_requests_total: Total = 0  # segments (requests) of those micro-batches
+    bytes_sent_total: Total = 0  # frames sent down the pipeline: micro-batches, or the last stage's feedback
+    broker_bytes_sent_total: Total = 0  # frames of sampled tokens sent to the broker
+
+
 class Heartbeat(Base, frozen=True):
     stage_id: str
     kv_capacity_tokens: Count = 0
@@ -185,6 +198,7 @@ class Heartbeat(Base, frozen=True):
     step_running_s: float = 0.0  # how long the step now computing has run (0: idle)
     failed_requests: Count = 0  # requests this stage failed alone (bad parameters, a sampling error, ...)
     incarnation: Id = 0
+    counters: StageCounters = msgspec.field(default_factory=StageCounters)
 
 
 class Tokens(Base, frozen=True):
@@ -285,6 +299,7 @@ class PipelineStatus(msgspec.Struct, frozen=True, gc=False):
     failure: str | None = None  # why the pipeline is unhealthy
     incarnations: dict[str, int] = {}  # per stage: the incarnation serving now
     restarts: int = 0  # stage incarnations this pipeline has seen replaced or failed
+    stage_counters: dict[str, StageCounters] = {}  # per stage: its cumulative step and bytes counters
 
 
 class StatusReply(Base, frozen=True):

@@ -28,8 +28,8 @@ from hexgen_zmq.checkpoint import ShardPlan
 from hexgen_zmq.deployment import Deployment, DeploymentError, StageSpec, load_deployment
 from hexgen_zmq.model_info import CheckpointError
 from hexgen_zmq.faults import Faults
-from hexgen_zmq.messages import (BrokerEpoch, Cancel, Feedback, Heartbeat, MicroBatch, StageFailed, StageReady,
-                                 Submit, Tokens)
+from hexgen_zmq.messages import (BrokerEpoch, Cancel, Feedback, Heartbeat, MicroBatch, StageCounters, StageFailed,
+                                 StageReady, Submit, Tokens)
 from hexgen_zmq.model_runner import KVPool, StageModel
 from hexgen_zmq.scheduler import Scheduler
 from hexgen_zmq.sockets import ACTIVATION_HWM, ACTIVATION_MAX_BYTES, CONTROL_MAX_BYTES, make_socket, send_now
@@ -58,6 +58,10 @@ def kv_blocks(spec: StageSpec, model: StageModel) -> int:
         tokens = max(BLOCK_SIZE, budget // max(per_token, 1))
         tokens = min(tokens, 64 * model.info.max_positions)
     return max(1, tokens // BLOCK_SIZE)
+
+
+def frames_bytes(frames) -> int:
+    return sum(memoryview(frame).nbytes for frame in frames)
 
 
 class StageLeader:
@@ -98,6 +102,9 @@ class StageLeader:
         self.broker_epoch = 0  # the newest broker incarnation seen; requests of older ones are orphans
         self.batches_received = 0
         self.step_started: float | None = None  # monotonic start of the step now computing
+        # cumulative, reported in heartbeats (StageCounters)
+        self.steps = self.step_tokens = self.step_requests = self.bytes_sent = self.broker_bytes_sent = 0
+        self.step_seconds = 0.0
         self.last_step = time.monotonic()  # when the executor last ran something for the TP group
         self.handlers = {Submit: self.on_submit, Cancel: self.on_cancel, Feedback: self.on_feedback,
                          MicroBatch: self.on_micro_batch, BrokerEpoch: self.on_broker_epoch}
@@ -258,13 +265,19 @@ class StageLeader:
             self.reject(f"tensor-parallel group lost a rank ({exc})", [seg.request_id for seg in batch.segments])
             raise
         finally:
+            self.steps += 1
+            self.step_seconds += time.monotonic() - self.step_started
             self.step_started = None
+        self.step_tokens += sum(seg.n_tokens for seg in batch.segments)
+        self.step_requests += len(batch.segments)
         if len(result.batch.failed) > len(batch.failed):  # part of the batch could not run here: a peer's error
             own = result.batch.failed[len(batch.failed):]
             self.bad_messages += 1
             self.log.warning("failed %d requests alone: %s", len(own), "; ".join(r.reason or "" for r in own[:3]))
         if not self.last:
-            await self.downstream.send_multipart(encode(result.batch, [result.hidden]), copy=False)
+            frames = encode(result.batch, [result.hidden])
+            self.bytes_sent += frames_bytes(frames)
+            await self.downstream.send_multipart(frames, copy=False)
             return
         records = result.records
         if batch.segments or batch.failed:
@@ -273,9 +286,13 @@ class StageLeader:
                 self.scheduler.feedback(feedback)
                 self.wake.set()
             else:
-                await self.to_first.send_multipart(encode(feedback), copy=False)
+                frames = encode(feedback)
+                self.bytes_sent += frames_bytes(frames)
+                await self.to_first.send_multipart(frames, copy=False)
         if records:
-            await self.to_broker.send_multipart(encode(Tokens(self.pipeline.id, records, self.incarnation)), copy=False)
+            frames = encode(Tokens(self.pipeline.id, records, self.incarnation))
+            self.broker_bytes_sent += frames_bytes(frames)
+            await self.to_broker.send_multipart(frames, copy=False)
 
     async def release_idle(self) -> None:
         """Free the cache of requests nobody has run here for `idle_release_s` (every rank alike)."""
@@ -295,7 +312,9 @@ class StageLeader:
         running = 0.0 if self.step_started is None else time.monotonic() - self.step_started
         return Heartbeat(self.spec.id, self.worker.capacity_tokens, len(blocks.request_ids()), blocks.used_blocks,
                          blocks.num_blocks, min(self.bad_messages, 2**31 - 1), running,
-                         min(self.worker.failed_requests, 2**31 - 1), self.incarnation)
+                         min(self.worker.failed_requests, 2**31 - 1), self.incarnation,
+                         StageCounters(self.steps, self.step_seconds, self.step_tokens, self.step_requests,
+                                       self.bytes_sent, self.broker_bytes_sent))
 
     async def heartbeat_loop(self) -> None:
         """Liveness to the broker, never behind a step: nothing here waits for the compute thread."""
