@@ -1,7 +1,7 @@
 """The gateway's Prometheus metrics: what it measures itself per request (outcome, TTFT, time per output
 token, end-to-end latency, tokens) and what the broker reports in its status at each scrape (queue,
-requests running per pipeline, per stage requests cached and KV blocks used and free, bad messages, failed
-requests by code).
+requests running per pipeline; per stage requests cached, KV blocks used and free, bad messages, steps,
+seconds stepping, tokens and requests stepped, bytes sent per hop; failed requests by code).
 
 One CollectorRegistry per gateway rather than prometheus_client's global one, so several gateways (or
 tests) in one process do not collide. Names follow Prometheus conventions: `hexgen_` prefix, the unit in
@@ -57,7 +57,29 @@ class BrokerCollector:
                                  labels=["pipeline", "stage"])
         stage_bad = CounterMetricFamily("hexgen_stage_bad_messages", "Messages a stage rejected since it started",
                                         labels=["pipeline", "stage"])
+        steps = CounterMetricFamily("hexgen_stage_steps", "Micro-batches a stage computed since it started",
+                                    labels=["pipeline", "stage"])
+        step_seconds = CounterMetricFamily("hexgen_stage_step_seconds", "Seconds a stage spent computing micro-batches "
+                                           "(over hexgen_stage_steps_total: the mean step time)",
+                                           labels=["pipeline", "stage"])
+        step_tokens = CounterMetricFamily("hexgen_stage_step_tokens", "Token rows of the micro-batches a stage "
+                                          "computed (over hexgen_stage_steps_total: the mean batch size in tokens)",
+                                          labels=["pipeline", "stage"])
+        step_requests = CounterMetricFamily("hexgen_stage_step_requests", "Requests (segments) of the micro-batches "
+                                            "a stage computed (over steps: the mean batch size in requests)",
+                                            labels=["pipeline", "stage"])
+        sent = CounterMetricFamily("hexgen_stage_sent_bytes", "Bytes a stage sent per hop: to the next stage "
+                                   "(micro-batches, or the last stage's feedback to the first) or to the broker "
+                                   "(sampled tokens)", labels=["pipeline", "stage", "to"])
         for p in status.pipelines:
+            for stage, c in sorted((getattr(p, "stage_counters", {}) or {}).items()):
+                labels = [p.id, stage]
+                steps.add_metric(labels, c.steps_total)
+                step_seconds.add_metric(labels, c.step_seconds_total)
+                step_tokens.add_metric(labels, c.step_tokens_total)
+                step_requests.add_metric(labels, c.step_requests_total)
+                sent.add_metric([*labels, "next"], c.bytes_sent_total)
+                sent.add_metric([*labels, "broker"], c.broker_bytes_sent_total)
             in_flight.add_metric([p.id], p.in_flight)
             ready.add_metric([p.id], float(p.ready))
             healthy.add_metric([p.id], float(p.healthy))
@@ -71,7 +93,8 @@ class BrokerCollector:
                     free.add_metric([p.id, stage], totals[stage] - n)
             for stage, n in sorted((getattr(p, "bad_messages", {}) or {}).items()):
                 stage_bad.add_metric([p.id, stage], n)
-        yield from (queued, running, in_flight, ready, healthy, cached, used, free, stage_bad)
+        yield from (queued, running, in_flight, ready, healthy, cached, used, free, stage_bad, steps, step_seconds,
+                    step_tokens, step_requests, sent)
         bad = CounterMetricFamily("hexgen_broker_bad_messages", "Malformed or unexpected messages the broker rejected")
         bad.add_metric([], getattr(status, "bad_messages", 0))
         yield bad

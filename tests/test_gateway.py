@@ -550,6 +550,31 @@ async def test_metrics_count_what_was_sent(api, served):
     assert delta("hexgen_requests_total", endpoint="chat_completions", outcome="invalid_request") == 1
 
 
+async def test_metrics_carry_every_stages_step_and_bytes_counters(api, served):
+    local, url = served
+    for _ in range(2):
+        await api.completions.create(model="tiny", prompt=[1, 2, 3], max_tokens=4, temperature=0)
+    stages = [s.id for p in local.deployment.pipelines for s in p.stages]
+
+    def counters() -> dict:
+        return {(name, dict(labels)["stage"], dict(labels).get("to")): v
+                for (name, labels), v in metric_values(url).items()
+                if name.startswith(("hexgen_stage_step", "hexgen_stage_sent_bytes"))}
+
+    async def all_stepped() -> bool:  # stages report in heartbeats, every 0.5 s
+        found = await asyncio.to_thread(counters)
+        return all(found.get(("hexgen_stage_steps_total", s, None), 0) > 0 for s in stages)
+
+    await wait_for(all_stepped, timeout_s=10)
+    found = counters()
+    for stage in stages:
+        for name in ("steps", "step_seconds", "step_tokens", "step_requests"):
+            assert found[(f"hexgen_stage_{name}_total", stage, None)] > 0, (name, stage, found)
+        assert found[("hexgen_stage_sent_bytes_total", stage, "next")] > 0, (stage, found)
+    assert found[("hexgen_stage_sent_bytes_total", stages[-1], "broker")] > 0
+    assert found[("hexgen_stage_sent_bytes_total", stages[0], "broker")] == 0  # only the last stage samples
+
+
 def hf_log_softmax(model_path: str, prompt: list[int], tokens: list[int]):
     """Log-softmax of Hugging Face's logits at each generated position (teacher-forced on the tokens)."""
     import torch
