@@ -275,3 +275,15 @@ def test_everything_is_removed_after_an_error_and_a_stale_set_before_a_build() -
     assert leftovers("hxtc") == [] and not routed(subnet)
     remove_prefix("hxtc")  # idempotent on nothing
     crashed.down()
+
+
+@needs_root
+def test_a_failed_build_removes_what_it_made(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail() -> None:
+        raise RuntimeError("injected")
+
+    sites = Sites(SPEC, prefix="hxtf", subnet="10.241.64.0/20")
+    monkeypatch.setattr(sites, "_build_links", fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        sites.up()
+    assert leftovers("hxtf") == [] and not routed("10.241.64.0/20")

@@ -57,7 +57,10 @@ def run(tuns: list[tuple[str, float]]) -> None:
         next_due = None
         for fd, queue in queues.items():
             while queue and queue[0][0] <= now:
-                os.write(fd, queue.popleft()[1])
+                try:
+                    os.write(fd, queue.popleft()[1])
+                except OSError:
+                    pass  # the kernel refused it (a device going down): lost, as on a real link
             if queue and (next_due is None or queue[0][0] < next_due):
                 next_due = queue[0][0]
         timeout = None if next_due is None else max(0.0, next_due - now)

@@ -475,8 +475,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import yaml
 
-    sites = Sites(yaml.safe_load(args.spec.read_text()), prefix=args.prefix, subnet=args.subnet)
-    sites.up()
+    try:
+        sites = Sites(yaml.safe_load(args.spec.read_text()), prefix=args.prefix, subnet=args.subnet)
+        sites.up()
+    except (ValueError, RuntimeError) as e:
+        print(f"sites: {e}", file=sys.stderr)
+        return 1
     for host in sites.hosts:
         print(f"{host:12} {sites.region(host):10} {sites.address(host):15} ip netns exec {sites.namespace(host)} ...")
     for link in sites.topology.links:
