@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tun", type=parse_tun, action="append", required=True, help="NAME:DELAY_MS")
     args = parser.parse_args(argv)
     try:
+        os.nice(-10)  # stages keep the CPUs busy: a late wake-up would lengthen the link's latency
+    except OSError:
+        pass
+    try:
         run(args.tun)
     except KeyboardInterrupt:
         sys.exit(0)
