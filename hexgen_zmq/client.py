@@ -8,7 +8,8 @@
 One task reads the DEALER socket and routes each event to its request: a stream's queue (errors travel
 through the same queue), or, for `generate`, the request's token list, waking the caller once at the end.
 Another pings the broker while requests are open, so the broker can tell a client that went away from one
-that waits. Leaving a stream early, or cancelling the task, cancels the request.
+that waits, and fails streams the broker has been silent about for too long (no timer per token). Leaving
+a stream early, or cancelling the task, cancels the request.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class _Open:
     request: GenerateRequest | None = None  # what to resubmit should a new broker answer
     received: list[int] = field(default_factory=list)  # every token so far, in order (both modes)
     broker: int | None = None  # the broker incarnation it was last submitted to, when known
+    heard: float = field(default_factory=time.monotonic)  # when the broker last sent something for it
 
     def accept(self, event: TokenEvent) -> TokenEvent | ErrorEvent | None:
         """Stream integrity: tokens already received are dropped (a replay or a resubmission may send them
@@ -95,6 +97,7 @@ class _Open:
         return event
 
     def deliver(self, event: TokenEvent | ErrorEvent) -> None:
+        self.heard = time.monotonic()
         if self.done is None:
             self.queue.put_nowait(event)
         elif self.done.done():
@@ -108,6 +111,12 @@ class _Open:
             self.logprobs.extend(event.logprobs)
             if event.finished:
                 self.done.set_result(event)
+
+
+def _joined(event: TokenEvent, following: TokenEvent) -> TokenEvent:
+    """Two consecutive events of one request as one: the tokens of both, the rest of the later one."""
+    return msgspec.structs.replace(following, tokens=event.tokens + following.tokens,
+                                   logprobs=event.logprobs + following.logprobs, index=event.index)
 
 
 def _request(client_request_id: int, prompt_ids, prompt, messages, max_new_tokens, temperature, top_k, top_p, seed,
@@ -215,6 +224,17 @@ class Client:
             await asyncio.sleep(PING_S)
             if self._open:
                 await self._send(Ping())
+                self._fail_silent_streams()
+
+    def _fail_silent_streams(self) -> None:
+        """A stream the broker said nothing about for its patience gets a timeout error (generate calls
+        time out by themselves)."""
+        now = time.monotonic()
+        for client_request_id, entry in self._open.items():
+            if entry.done is None and entry.request is not None and \
+                    now - entry.heard > (patience := self._patience(entry.request)):
+                entry.heard = now  # one error each time the patience runs out, not one per ping
+                entry.queue.put_nowait(self._silent(patience))  # raised as it is, and cancels the request
 
     async def status(self, timeout_s: float = 5.0) -> StatusReply:
         """The broker's view of its pipelines (ready, healthy, load)."""
@@ -253,39 +273,46 @@ class Client:
         return GenerationError("timeout", f"no answer from the broker at {self.address} for {patience:g} s")
 
     async def _events(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        """The request's events; those that were already waiting when the consumer came back for more are
+        joined into one (a consumer that fell behind catches up in one step). The ping task ends a stream
+        the broker went silent about."""
         entry = _Open()
-        patience = self._patience(request)
+        queue = entry.queue
+        held = None  # an error that arrived behind tokens, raised after them
         async with self._opened(request, entry) as ended:
             while True:
-                try:
-                    async with asyncio.timeout(patience):  # no task per token, unlike wait_for
-                        event = await entry.queue.get()
-                except TimeoutError:
-                    raise self._silent(patience) from None
+                if held is not None:
+                    event, held = held, None
+                else:
+                    event = queue.get_nowait() if queue.qsize() else await queue.get()
+                if isinstance(event, GenerationError):  # the broker went silent: cancel it there too
+                    raise event
                 if isinstance(event, ErrorEvent):
                     ended[0] = True
                     raise GenerationError(event.code, event.message)
+                while queue.qsize() and not event.finished:
+                    following = queue.get_nowait()
+                    if not isinstance(following, TokenEvent):
+                        held = following
+                        break
+                    event = _joined(event, following)
                 ended[0] = event.finished
                 yield event
                 if event.finished:
                     return
 
-    async def events(self, prompt_ids: list[int] | None = None, prompt: str | None = None, *, messages=None,
-                     max_new_tokens: int = 16, temperature: float = 0.0, top_k: int | None = None,
-                     top_p: float | None = None, seed: int | None = None, stop_token_ids: list[int] | None = None,
-                     timeout_s: float | None = None, ignore_eos: bool = False,
-                     logprobs: int | None = None) -> AsyncIterator[TokenEvent]:
-        """Yield the broker's TokenEvents as they come: the tokens of each step, and on the last one the
-        finish reason, prompt length and pipeline (what an HTTP front end reports). Leaving early cancels.
-        `logprobs=K`: each event also carries its tokens' log-probabilities and K top alternatives."""
+    def events(self, prompt_ids: list[int] | None = None, prompt: str | None = None, *, messages=None,
+               max_new_tokens: int = 16, temperature: float = 0.0, top_k: int | None = None,
+               top_p: float | None = None, seed: int | None = None, stop_token_ids: list[int] | None = None,
+               timeout_s: float | None = None, ignore_eos: bool = False,
+               logprobs: int | None = None) -> AsyncIterator[TokenEvent]:
+        """An async generator of the broker's TokenEvents as they come: the tokens of each step (of several
+        steps, joined, when the caller fell behind), and on the last one the finish reason, prompt length
+        and pipeline (what an HTTP front end reports). Leaving early (aclose) cancels. `logprobs=K`: each
+        event also carries its tokens' log-probabilities and K top alternatives."""
         request = _request(next(self._ids), prompt_ids, prompt, messages, max_new_tokens, temperature, top_k, top_p,
                            seed, stop_token_ids, timeout_s, ignore_eos, logprobs)
-        events = self._events(request)
-        try:
-            async for event in events:
-                yield event
-        finally:
-            await events.aclose()
+        return self._events(request)  # itself: one generator less for every event to pass through
 
     async def stream(self, prompt_ids: list[int] | None = None, prompt: str | None = None, *, messages=None,
                      max_new_tokens: int = 16, temperature: float = 0.0, top_k: int | None = None,

@@ -123,6 +123,7 @@ class Gateway:
         self.config = config
         self.tokenizer = tokenizer
         self.decode = fast_decode(tokenizer)
+        self.decode_one = functools.lru_cache(maxsize=1 << 16)(lambda token: self.decode([token]))
         self.logprob_format = LogprobFormatter(tokenizer)
         self.metrics = GatewayMetrics()
         self.client = client
@@ -293,22 +294,41 @@ class Gateway:
         return self.logprob_format.chat(entries) if chat else self.logprob_format.completion(entries)
 
     @staticmethod
-    def _note_logprobs(entries: list, event, offset: int) -> None:
-        """Add an event's tokens with their log-probabilities and where their text starts."""
-        entries.extend((token, lp, offset) for token, lp in zip(event.tokens, event.logprobs))
+    def _push(text: CompletionText, event, track: _Track, entries: list | None) -> str:
+        """An event's tokens into the text: the text they complete. With `entries` (logprobs asked for),
+        each token's log-probability and where its text starts go there. An event may hold several tokens
+        (those that arrived while the stream was busy): when logprobs or stop strings need to know where
+        each token's text starts or ends, they go in one by one, so offsets, and the tokens counted when a
+        stop string ends the request, are the same as for one token per event."""
+        tokens = event.tokens
+        if len(tokens) == 1 or (entries is None and not text.has_stops):
+            track.got(len(tokens))
+            offset = text.decoded_chars
+            piece = text.push(tokens)
+            if entries is not None:
+                entries.extend((token, lp, offset) for token, lp in zip(tokens, event.logprobs))
+            return piece
+        pieces = []
+        for i, token in enumerate(tokens):
+            track.got(1)
+            offset = text.decoded_chars
+            pieces.append(text.push((token,)))
+            if entries is not None and i < len(event.logprobs):
+                entries.append((token, event.logprobs[i], offset))
+            if text.stopped:
+                break
+        return "".join(pieces)
 
     async def _collect(self, body, kwargs: dict, track: _Track, entries: list) -> tuple[str, str]:
         """Run a request to its end (or its first stop string), gathering the text, the finish_reason, and
         into `entries` the log-probabilities if asked for."""
-        text = CompletionText(self.decode, body.stop)
+        text = CompletionText(self.decode, body.stop, self.decode_one)
+        want_logprobs = body.logprobs_wanted is not None
         pieces: list[str] = []
         reason = "length"
         async with contextlib.aclosing(self.client.events(**kwargs)) as events:
             async for event in events:
-                track.got(len(event.tokens))
-                offset = text.decoded_chars
-                pieces.append(text.push(event.tokens))
-                self._note_logprobs(entries, event, offset)
+                pieces.append(self._push(text, event, track, entries if want_logprobs else None))
                 if text.stopped:
                     return "".join(pieces), "stop"
                 if event.finished:
@@ -327,28 +347,27 @@ class Gateway:
             await events.aclose()
             raise
         writer = ChunkWriter(chat, request_id, created, self.config.model_name, body.include_usage)
-        text = CompletionText(self.decode, body.stop)
+        text = CompletionText(self.decode, body.stop, self.decode_one)
 
+        want_logprobs = body.logprobs_wanted is not None
         pending: list = []  # log-probabilities of tokens whose text has not gone out yet
 
         def logprobs() -> dict | None:
-            if body.logprobs_wanted is None:
+            if not want_logprobs:
                 return None
             out = self._logprobs(chat, body, pending)
             pending.clear()
             return out
 
         async def chunks():
+            # One write per event (an event holds every token that came for the request since the last),
+            # the role chunk going with the first text and the last chunk, usage and [DONE] together.
             outcome, reason = "client_disconnected", None
+            head = writer.chunk("", role=True) if chat else b""
             try:
-                if chat:
-                    yield writer.chunk("", role=True)
                 event = first
                 while True:
-                    track.got(len(event.tokens))
-                    offset = text.decoded_chars
-                    piece = text.push(event.tokens)
-                    self._note_logprobs(pending, event, offset)
+                    piece = self._push(text, event, track, pending if want_logprobs else None)
                     if text.stopped:
                         reason = "stop"
                         break
@@ -356,21 +375,22 @@ class Gateway:
                         reason = finish_reason(event.finish_reason)
                         break
                     if piece:
-                        yield writer.chunk(piece, logprobs=logprobs())
+                        yield head + writer.chunk(piece, logprobs=logprobs())
+                        head = b""
                     event = await anext(events)
                 rest = piece + ("" if text.stopped else text.finish())
                 if text.stopped:
                     reason = "stop"
-                yield writer.chunk(rest or (None if chat else ""), reason, logprobs=logprobs())
+                tail = [head, writer.chunk(rest or (None if chat else ""), reason, logprobs=logprobs())]
                 if writer.include_usage:
-                    yield writer.usage_chunk(track.prompt_tokens, track.tokens)
-                yield SSE_DONE
+                    tail.append(writer.usage_chunk(track.prompt_tokens, track.tokens))
+                tail.append(SSE_DONE)
+                yield b"".join(tail)
                 outcome = "success"
             except GenerationError as exc:  # after the response started: an error event, as OpenAI sends
                 outcome = exc.code
                 error = APIError.from_generation(exc.code, str(exc))
-                yield b"data: " + dumps(error.body()) + b"\n\n"
-                yield SSE_DONE
+                yield head + b"data: " + dumps(error.body()) + b"\n\n" + SSE_DONE
             finally:
                 await events.aclose()  # cancels the request unless it ended
                 track.end(outcome, reason if outcome == "success" else None)

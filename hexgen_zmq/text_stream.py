@@ -24,8 +24,9 @@ class IncrementalDetokenizer:
     SentencePiece tokenizers (checked in tests/test_gateway.py); the one exception is a run of byte tokens
     that is no UTF-8 under SentencePiece's byte fallback, which marks the whole run, not byte by byte."""
 
-    def __init__(self, decode: Callable[[list[int]], str]):
+    def __init__(self, decode: Callable[[list[int]], str], decode_one: Callable[[int], str] | None = None):
         self._decode = decode
+        self._decode_one = decode_one  # decode([token]), maybe cached: the older part is often one token
         self.tokens: list[int] = []
         self._prefix = 0  # window start: the first token of the previous emission
         self._read = 0  # tokens before this were emitted
@@ -42,7 +43,11 @@ class IncrementalDetokenizer:
     def _emit(self, final: bool) -> str:
         if self._read == len(self.tokens):
             return ""
-        before = self._decode(self.tokens[self._prefix:self._read]) if self._read > self._prefix else ""
+        held = self._read - self._prefix
+        if held == 1 and self._decode_one is not None:
+            before = self._decode_one(self.tokens[self._prefix])
+        else:
+            before = self._decode(self.tokens[self._prefix:self._read]) if held else ""
         text = self._decode(self.tokens[self._prefix:])
         if not final and (len(text) <= len(before) or text.endswith(REPLACEMENT)):
             return ""  # nothing visible yet, or a character still incomplete
@@ -96,10 +101,15 @@ class StopMatcher:
 class CompletionText:
     """The text of one completion as it streams: detokenized incrementally, then cut at the stop strings."""
 
-    def __init__(self, decode: Callable[[list[int]], str], stops: Sequence[str] = ()):
-        self.detokenizer = IncrementalDetokenizer(decode)
+    def __init__(self, decode: Callable[[list[int]], str], stops: Sequence[str] = (),
+                 decode_one: Callable[[int], str] | None = None):
+        self.detokenizer = IncrementalDetokenizer(decode, decode_one)
         self.matcher = StopMatcher(stops)
         self.decoded_chars = 0  # characters decoded so far, before stop strings cut (for logprobs' text_offset)
+
+    @property
+    def has_stops(self) -> bool:
+        return bool(self.matcher.stops)
 
     @property
     def stopped(self) -> bool:

@@ -6,6 +6,7 @@ real `openai` package -> `hexgen-zmq serve` (a subprocess) -> broker -> stages, 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import random
 import shutil
@@ -82,8 +83,9 @@ def test_incremental_text_equals_a_full_decode(which, request):
         ids = [rng.randrange(len(tokenizer)) for _ in range(rng.randint(1, 40))]
         if which == "tiny_tokenizer" or "\ufffd" not in decode(ids):
             cases.append(ids)
-    for ids in cases:
-        detokenizer = IncrementalDetokenizer(decode)
+    decode_one = functools.lru_cache(lambda token: decode([token]))  # as the gateway passes it
+    for n, ids in enumerate(cases):
+        detokenizer = IncrementalDetokenizer(decode, decode_one if n % 2 else None)
         pieces, i = [], 0
         while i < len(ids):
             n = rng.choice([1, 1, 1, 2, 3])
@@ -245,6 +247,52 @@ async def test_an_error_mid_stream_arrives_as_an_api_error(scripted):
     with pytest.raises(openai.APIError, match="pipeline p0 failed"):
         async for _ in stream:
             pass
+
+
+async def test_a_stream_the_broker_is_silent_about_times_out():
+    """Streams have no timer per event: the client's ping task ends one the broker went quiet about."""
+    from hexgen_zmq.client import Client, GenerationError
+
+    broker = ScriptedBroker()  # takes the request, never answers
+    try:
+        async with Client.connect(broker.address, silence_s=0.3) as client:
+            start = time.monotonic()
+            with pytest.raises(GenerationError) as err:
+                async for _ in client.events(prompt_ids=[1, 2], timeout_s=0.2):
+                    pass
+            assert err.value.code == "timeout" and time.monotonic() - start < 5
+    finally:
+        await broker.close()
+
+
+async def test_tokens_that_arrive_together_go_out_in_one_chunk(scripted, tiny_tokenizer):
+    """Events already waiting when the stream comes back for more are one SSE chunk: its text is theirs
+    joined, and its logprobs list every token, at the right text offsets."""
+    from hexgen_zmq.messages import TokenEvent, TokenEvents, TokenLogprob
+
+    broker, _, http = scripted
+    tokens = tiny_tokenizer("the cat sat on the mat", add_special_tokens=False)["input_ids"][:5]
+    assert len(tokens) == 5
+
+    def event(r, i, **finish):
+        return TokenEvent(r.client_request_id, [tokens[i]], index=i, logprobs=[TokenLogprob(-0.5 - i)], **finish)
+
+    broker.script = lambda r: [event(r, 0), TokenEvents([event(r, 1), event(r, 2), event(r, 3)]),
+                               event(r, 4, finished=True, finish_reason="length")]
+    body = {"prompt": "hi", "max_tokens": 5, "stream": True, "logprobs": 0}
+    async with http.stream("POST", "/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+        raw = b"".join([chunk async for chunk in r.aiter_bytes()])
+    chunks = [json.loads(e[6:]) for e in raw.split(b"\n\n") if e.startswith(b"data: {")]
+    assert raw.endswith(b"data: [DONE]\n\n")
+    choices = [c["choices"][0] for c in chunks]
+    text = "".join(c["text"] for c in choices)
+    assert text == tiny_tokenizer.decode(tokens)
+    per_chunk = [len(c["logprobs"]["tokens"]) for c in choices if c["logprobs"]]
+    assert sum(per_chunk) == 5 and max(per_chunk) >= 3, per_chunk  # the three of one message in one chunk
+    logprobs = [v for c in choices if c["logprobs"] for v in c["logprobs"]["token_logprobs"]]
+    assert logprobs == [-0.5 - i for i in range(5)]
+    offsets = [v for c in choices if c["logprobs"] for v in c["logprobs"]["text_offset"]]
+    assert offsets == sorted(offsets) and offsets[0] == 0 and offsets[-1] < len(text)
 
 
 async def test_requests_the_gateway_refuses_itself(scripted, tiny_model):
