@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "hexgen_zmq.model_fetch",
     "hexgen_zmq.demo",
     "hexgen_zmq.bench",
+    "hexgen_zmq.profiler",
 ]
 
 

@@ -10,16 +10,25 @@ A cluster file may override any entry or add new ones under its `gpus:` key.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hexgen_zmq.planner.profile import Profile
 
 
 @dataclass(frozen=True, slots=True)
 class GpuSpec:
-    """One GPU model: memory in GiB, dense fp16 tensor TFLOPS, HBM/GDDR bandwidth in GB/s."""
+    """One GPU model: memory in GiB, dense fp16 tensor TFLOPS, HBM/GDDR bandwidth in GB/s. A device kind
+    measured by `hexgen-zmq profile` (a CPU, or a GPU timed rather than read off its datasheet) carries its
+    profile, and the cost model then uses the measured figures; `kind` names the device in the deployment
+    file (`cuda:N` or `cpu`)."""
 
     name: str
     memory_gib: float
     fp16_tflops: float
     hbm_gbps: float
+    kind: str = "cuda"
+    profile: Profile | None = None
 
     @property
     def memory_bytes(self) -> int:

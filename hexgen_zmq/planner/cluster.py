@@ -3,10 +3,17 @@
 GPUs of one type on one host are interchangeable to the planner, so the cluster is flattened into *slots*:
 `(host, gpu type, count, first device index)`. Device indices on a host follow the order of its `gpus:`
 mapping (`{A6000: 8, A5000: 4}`: cuda:0-7 are A6000, cuda:8-11 are A5000).
+
+A host may name a profile (`profile: PATH`, relative to the cluster file; written by `hexgen-zmq profile`).
+Its devices then carry the measured figures, and the profile's own device kind may be used as a GPU type
+(`gpus: {cpu: 2}`: two single-threaded CPU ranks, if the profile was measured with one thread), so a CPU
+host is planned like any other. The profile's measured links to other hosts of the cluster replace the
+region defaults for those host pairs (goodput as measured: the TCP efficiency factor is not applied again).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +23,7 @@ import yaml
 
 from hexgen_zmq.planner import constants as C
 from hexgen_zmq.planner.catalog import CATALOG, GpuSpec
+from hexgen_zmq.planner.profile import Profile, ProfileError, load_profile
 
 
 class ClusterError(ValueError):
@@ -46,7 +54,8 @@ class Host:
     name: str
     address: str
     region: str
-    gpus: tuple[tuple[str, int], ...]
+    gpus: tuple[tuple[str, int], ...]  # keys of Cluster.gpu_types (NAME@HOST for a profiled host's devices)
+    profile: Profile | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +78,7 @@ class Cluster:
     between: dict[frozenset[str], Link]
     slots: tuple[Slot, ...] = ()
     assumed_links: list[tuple[str, str]] = field(default_factory=list)
+    host_links: dict[frozenset[int], Link] = field(default_factory=dict)  # measured, from host profiles
 
     def __post_init__(self) -> None:
         slots: list[Slot] = []
@@ -98,6 +108,9 @@ class Cluster:
         """The link a message crosses from host_a to host_b."""
         if host_a == host_b:
             return self.intra_host
+        measured = self.host_links.get(frozenset((host_a, host_b)))
+        if measured is not None:
+            return measured
         ra, rb = self.hosts[host_a].region, self.hosts[host_b].region
         if ra == rb:
             return self.intra_region
@@ -105,21 +118,22 @@ class Cluster:
 
 
 def load_cluster(path: str | Path) -> Cluster:
-    """Read and validate a cluster YAML file."""
+    """Read and validate a cluster YAML file (profiles it names are read relative to it)."""
     try:
         data = yaml.safe_load(Path(path).read_text())
     except yaml.YAMLError as exc:
         raise ClusterError(f"{path}: not valid YAML: {exc}") from exc
-    return parse_cluster(data)
+    return parse_cluster(data, Path(path).parent)
 
 
-def parse_cluster(data: Any) -> Cluster:
-    """Validate a parsed cluster description; every error names its field path."""
+def parse_cluster(data: Any, base: Path | None = None) -> Cluster:
+    """Validate a parsed cluster description; every error names its field path. `base`: the directory that
+    relative profile paths start from (default: the current directory)."""
     _mapping(data, "", {"gpus", "hosts", "links"})
     gpu_types = dict(CATALOG)
     for name, entry in (_mapping(data.get("gpus", {}), "gpus") or {}).items():
         gpu_types[str(name)] = _gpu_entry(entry, f"gpus.{name}", gpu_types.get(str(name)), str(name))
-    hosts = _hosts(data.get("hosts"), gpu_types)
+    hosts = _hosts(data.get("hosts"), gpu_types, base or Path("."))
     links = _mapping(data.get("links", {}), "links", {"intra_host", "intra_region", "between"}) or {}
     intra_host = _link(links.get("intra_host"), "links.intra_host", C.DEFAULT_INTRA_HOST)
     intra_region = _link(links.get("intra_region"), "links.intra_region", C.DEFAULT_INTRA_REGION)
@@ -144,7 +158,21 @@ def parse_cluster(data: Any) -> Cluster:
         if pair in between:
             raise ClusterError(f"{where}: second link between {ends[0]} and {ends[1]}")
         between[pair] = _link(entry, where, None)
-    return Cluster(gpu_types, tuple(hosts), intra_host, intra_region, between)
+    return Cluster(gpu_types, tuple(hosts), intra_host, intra_region, between, host_links=_measured_links(hosts))
+
+
+def _measured_links(hosts: list[Host]) -> dict[frozenset[int], Link]:
+    """Links measured by host profiles, per host pair (the first profile to measure a pair counts)."""
+    index = {h.name: i for i, h in enumerate(hosts)}
+    links: dict[frozenset[int], Link] = {}
+    for i, host in enumerate(hosts):
+        for k, figure in enumerate(host.profile.links if host.profile else ()):
+            if figure.peer not in index:
+                raise ClusterError(f"hosts[{i}].profile: links[{k}].peer: {figure.peer!r} is not a host of this cluster")
+            pair = frozenset((i, index[figure.peer]))
+            if len(pair) == 2 and pair not in links:
+                links[pair] = Link(figure.gbps / C.LINK_EFFICIENCY, figure.latency_ms)
+    return links
 
 
 def _mapping(value: Any, where: str, allowed: set[str] | None = None) -> dict | None:
@@ -183,7 +211,20 @@ def _gpu_entry(entry: Any, where: str, base: GpuSpec | None, name: str) -> GpuSp
     return GpuSpec(name, **values)
 
 
-def _hosts(raw: Any, gpu_types: dict[str, GpuSpec]) -> list[Host]:
+def _profiled(gpu_types: dict[str, GpuSpec], name: str, profile: Profile, host: str) -> str | None:
+    """Register this host's devices of type `name` with their profile; the key they go by (None: unknown)."""
+    base = gpu_types.get(name)
+    if base is None and name != profile.device.name:
+        return None
+    if base is None:
+        flops, bandwidth, _ = profile.effective()
+        base = GpuSpec(name, profile.device.memory_gib, flops / 1e12, bandwidth / 1e9)
+    key = f"{name}@{host}"
+    gpu_types[key] = dataclasses.replace(base, kind=profile.device.kind, profile=profile)
+    return key
+
+
+def _hosts(raw: Any, gpu_types: dict[str, GpuSpec], base: Path) -> list[Host]:
     if not isinstance(raw, list) or not raw:
         raise ClusterError("hosts: expected a non-empty list")
     hosts: list[Host] = []
@@ -191,7 +232,7 @@ def _hosts(raw: Any, gpu_types: dict[str, GpuSpec]) -> list[Host]:
     addresses: set[str] = set()
     for i, entry in enumerate(raw):
         where = f"hosts[{i}]"
-        _mapping(entry, where, {"name", "address", "region", "gpus"})
+        _mapping(entry, where, {"name", "address", "region", "gpus", "profile"})
         if entry is None:
             raise ClusterError(f"{where}: expected a mapping")
         name = entry.get("name")
@@ -210,16 +251,25 @@ def _hosts(raw: Any, gpu_types: dict[str, GpuSpec]) -> list[Host]:
         gpus = _mapping(entry.get("gpus"), f"{where}.gpus")
         if not gpus:
             raise ClusterError(f"{where}.gpus: expected a mapping of GPU type to count")
+        profile = None
+        if "profile" in entry:
+            if not isinstance(entry["profile"], str) or not entry["profile"]:
+                raise ClusterError(f"{where}.profile: expected the path of a profile file")
+            try:
+                profile = load_profile(base / entry["profile"])
+            except ProfileError as exc:
+                raise ClusterError(f"{where}.profile: {exc}") from exc
         counts = []
         for gpu_name, count in gpus.items():
-            if str(gpu_name) not in gpu_types:
+            key = str(gpu_name) if profile is None else _profiled(gpu_types, str(gpu_name), profile, name)
+            if key not in gpu_types:
                 raise ClusterError(f"{where}.gpus.{gpu_name}: unknown GPU type (add it under gpus:)")
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                 raise ClusterError(f"{where}.gpus.{gpu_name}: expected a positive integer count, got {count!r}")
-            counts.append((str(gpu_name), count))
+            counts.append((key, count))
         names.add(name)
         addresses.add(address)
-        hosts.append(Host(name, address, region, tuple(counts)))
+        hosts.append(Host(name, address, region, tuple(counts), profile))
     return hosts
 
 

@@ -6,7 +6,9 @@ A step may mix decode tokens with a chunk of a prompt (the runtime's chunked pre
 once for all of them, so a chunk that rides along a memory-bound decode step costs only its extra FLOPs.
 TP adds two ring all-reduces per layer over the intra-host link (TP groups never leave a host). A
 pipeline hop moves the activations of a micro-batch over the link between the two stages' hosts.
-All constants come from `constants`.
+All constants come from `constants`. A device with a profile (`profile`: measured by `hexgen-zmq profile`)
+uses its measured per-layer, head and per-step figures in place of the roofline and the fixed overheads: as
+measured on the profiled model and dtype, else as effective FLOP/s and bytes/s in the same roofline.
 """
 
 from __future__ import annotations
@@ -63,7 +65,20 @@ class CostModel:
 
     # --- time ---------------------------------------------------------------------------------------------
     def _roofline(self, gpu: GpuSpec, flops: float, nbytes: float) -> float:
+        if gpu.profile is not None:  # effective rates measured on this device: no datasheet efficiency
+            flops_s, bytes_s, _ = gpu.profile.effective()
+            return max(flops / flops_s, nbytes / bytes_s)
         return max(flops / (gpu.flops * C.COMPUTE_EFFICIENCY), nbytes / (gpu.bandwidth * C.MEMORY_EFFICIENCY))
+
+    def measured(self, gpu: GpuSpec) -> bool:
+        """Whether this device's profile was measured on this very model and dtype (figures used as measured)."""
+        return gpu.profile is not None and gpu.profile.matches(self.model, self.workload.dtype)
+
+    def layer_overhead(self, gpu: GpuSpec) -> float:
+        return gpu.profile.effective()[2] if gpu.profile is not None else C.LAYER_OVERHEAD_S
+
+    def step_overhead(self, gpu: GpuSpec) -> float:
+        return gpu.profile.stage_overhead_s if gpu.profile is not None else C.STAGE_STEP_OVERHEAD_S
 
     def allreduce(self, tp: int, nbytes: float, link: Link) -> float:
         """One ring all-reduce of `nbytes` over `tp` ranks: 2(tp-1) steps of nbytes/tp each."""
@@ -81,23 +96,27 @@ class CostModel:
         attends on average to half the prompt). The weights are read once for the whole step."""
         m, w = self.model, self.workload
         b = w.dtype_bytes
-        kv = m.kv_elements_per_token_layer(tp) * b
         tokens = decode_tokens + prompt_tokens
+        reduce = 2 * self.allreduce(tp, tokens * m.hidden_size * b, self.cluster.intra_host)
+        if self.measured(gpu):  # measured at TP 1: compute splits evenly over the ranks (an assumption)
+            return gpu.profile.layer_time(decode_tokens, w.mean_context, prompt_tokens) / tp + reduce
+        kv = m.kv_elements_per_token_layer(tp) * b
         flops = (
             decode_tokens * (m.layer_matmul_flops_per_token() + m.attention_flops_per_token(w.mean_context))
             + prompt_tokens * (m.layer_matmul_flops_per_token() + m.attention_flops_per_token((w.prompt_len + 1) / 2))
         ) / tp
         kv_bytes = decode_tokens * w.mean_context * kv + 2 * prompt_tokens * kv  # prompt KV: written, read once
         nbytes = m.layer_params * b / tp + kv_bytes + 4 * tokens * m.hidden_size * b
-        reduce = 2 * self.allreduce(tp, tokens * m.hidden_size * b, self.cluster.intra_host)
-        return self._roofline(gpu, flops, nbytes) + C.LAYER_OVERHEAD_S + reduce
+        return self._roofline(gpu, flops, nbytes) + self.layer_overhead(gpu) + reduce
 
     def _head_time(self, gpu: GpuSpec, tp: int, tokens: int) -> float:
         """Final norm and LM head for `tokens` positions (only positions that sample are computed)."""
         m, b = self.model, self.workload.dtype_bytes
         split = tp if C.LM_HEAD_SHARDED else 1
+        if self.measured(gpu):
+            return gpu.profile.head_time(tokens) / split
         flops = 2 * tokens * m.vocab_size * m.hidden_size / split
-        return self._roofline(gpu, flops, m.head_params * b / split) + C.LAYER_OVERHEAD_S
+        return self._roofline(gpu, flops, m.head_params * b / split) + self.layer_overhead(gpu)
 
     def stage_time(self, gpu: GpuSpec, tp: int, layers: int, last: bool, tokens: int, decode: bool) -> float:
         """One step of a stage: its layers, the head if last, and the per-step message overhead."""
@@ -110,7 +129,7 @@ class CostModel:
     ) -> float:
         """One step of a stage over `decode_tokens` decode tokens plus a `prompt_tokens` chunk of one prompt
         (the head samples every decode token and, at most, the prompt's last position)."""
-        t = layers * self.mixed_layer_time(gpu, tp, decode_tokens, prompt_tokens) + C.STAGE_STEP_OVERHEAD_S
+        t = layers * self.mixed_layer_time(gpu, tp, decode_tokens, prompt_tokens) + self.step_overhead(gpu)
         if last:
             t += self.head_time(gpu, tp, decode_tokens + (1 if prompt_tokens else 0))
         return t

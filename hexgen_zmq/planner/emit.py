@@ -25,6 +25,11 @@ class _Ports:
         return f"tcp://{address}:{port}"
 
 
+def _device(kind: str, index: int) -> str:
+    """A rank's device: `cuda:N`, or `cpu` for a CPU host's ranks (each a process with its own threads)."""
+    return "cpu" if kind == "cpu" else f"{kind}:{index}"
+
+
 def deployment_dict(outcome: PlanOutcome, model_path: str, dtype: str) -> dict[str, Any]:
     """The deployment file's content."""
     ports = _Ports()
@@ -41,7 +46,7 @@ def deployment_dict(outcome: PlanOutcome, model_path: str, dtype: str) -> dict[s
                     "layers": [st.layers[0], st.layers[1]],
                     "inbound": ports.endpoint(address),
                     "tp_init": ports.endpoint(address),
-                    "ranks": [{"host": address, "device": f"cuda:{d}"} for d in st.devices],
+                    "ranks": [{"host": address, "device": _device(st.gpu_kind, d)} for d in st.devices],
                 }
             )
         pipelines.append({"id": pipeline.id, "stages": stages})

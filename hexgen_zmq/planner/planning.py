@@ -30,6 +30,7 @@ class PlacedStage:
     memory_capacity_gib: float
     prefill_s: float  # this stage's share of one prompt
     decode_s: float  # this stage's share of one decode step with one request
+    gpu_kind: str = "cuda"  # the device kind: cuda, or cpu for a profiled CPU host
 
     @property
     def tp(self) -> int:
@@ -90,6 +91,7 @@ def place(cm: CostModel, evaluator: Evaluator, pipelines: tuple[Pipeline, ...]) 
                     memory_capacity_gib=slot.gpu.memory_gib,
                     prefill_s=cm.stage_time(slot.gpu, st.tp, st.layers, last, w.prompt_len, False),
                     decode_s=cm.stage_time(slot.gpu, st.tp, st.layers, last, 1, True),
+                    gpu_kind=slot.gpu.kind,
                 )
             )
         placed.append(
