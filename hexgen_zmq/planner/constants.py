@@ -68,6 +68,9 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 SIM_REQUESTS = 400
 # Requests simulated for the report's rate and deadline figures (a longer trace, run only a few times).
 REPORT_REQUESTS = 2000
+# How often the broker looks at its queue of requests that no pipeline's KV budget could take yet
+# (brokers/broker.py TICK_S: queued requests are dispatched on the tick, not when one finishes).
+BROKER_TICK_S = 0.05
 # Relative precision of the bisection for the highest sustainable rate.
 RATE_SEARCH_TOLERANCE = 0.005
 
