@@ -109,6 +109,23 @@ async def _unless_disconnected(request: Request, awaitable):
     raise ClientGone()
 
 
+class _Last(bytes):
+    """A stream's last chunk: it goes out with the end of the response body, in one write."""
+
+
+class EventStream(StreamingResponse):
+    """StreamingResponse whose last chunk (a _Last) also ends the body: one write less per request."""
+
+    async def stream_response(self, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        ended = False
+        async for chunk in self.body_iterator:  # to its end even after the last chunk: its `finally` runs now
+            ended = type(chunk) is _Last
+            await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
+        if not ended:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
 def fast_decode(tokenizer):
     """`tokenizer.decode(ids, skip_special_tokens=True)`, straight from the Rust tokenizer when that is what
     transformers would do anyway (no clean-up of spaces): the stream decodes twice per token."""
@@ -385,18 +402,18 @@ class Gateway:
                 if writer.include_usage:
                     tail.append(writer.usage_chunk(track.prompt_tokens, track.tokens))
                 tail.append(SSE_DONE)
-                yield b"".join(tail)
+                yield _Last(b"".join(tail))
                 outcome = "success"
             except GenerationError as exc:  # after the response started: an error event, as OpenAI sends
                 outcome = exc.code
                 error = APIError.from_generation(exc.code, str(exc))
-                yield head + b"data: " + dumps(error.body()) + b"\n\n" + SSE_DONE
+                yield _Last(head + b"data: " + dumps(error.body()) + b"\n\n" + SSE_DONE)
             finally:
                 await events.aclose()  # cancels the request unless it ended
                 track.end(outcome, reason if outcome == "success" else None)
 
-        return StreamingResponse(chunks(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return EventStream(chunks(), media_type="text/event-stream",
+                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 # ---------------------------------------------------------------------------------------------- process
