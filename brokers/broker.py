@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from collections import deque
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import zmq
@@ -22,26 +23,31 @@ import zmq.asyncio
 
 from hexgen_zmq.aio import run_until_first_failure
 from hexgen_zmq.broker_state import BrokerState, PipelineState, ToClient
-from hexgen_zmq.deployment import Deployment, DeploymentError, load_deployment
+from hexgen_zmq.deployment import Deployment, DeploymentError, file_version, load_deployment_text
 from hexgen_zmq.messages import BrokerReady, GenerateRequest, WireError, decode_control, encode_control
 from hexgen_zmq.sockets import CONTROL_MAX_BYTES, make_socket, send_now
 
 log = logging.getLogger("broker")
 TICK_S = 0.05
+WATCH_S = 0.5  # how often the deployment file is compared with the version adopted
 BACKLOG_LIMIT = 10_000  # events held for a client that cannot take them now, before it counts as gone
 
 
 class Broker(BrokerState):
-    def __init__(self, deployment: Deployment, notify: str | None = None):
+    def __init__(self, deployment: Deployment, notify: str | None = None, config: str | Path | None = None,
+                 text: bytes = b""):
         super().__init__(deployment, deployment.model_info())
+        self.config_path = Path(config) if config else None  # watched: a new version is adopted (redeploy)
+        self.file_version = file_version(text) if text else ""
+        self.refused_version = ""
         self.ctx = zmq.asyncio.Context()
         self.clients = make_socket(self.ctx, zmq.ROUTER, bind=self.config.clients, hwm=10000,
                                    max_bytes=CONTROL_MAX_BYTES)
         self.clients.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an event for a client not connected now is held, not lost
         self.results = make_socket(self.ctx, zmq.PULL, bind=self.config.results, hwm=10000,
                                    max_bytes=CONTROL_MAX_BYTES)
-        self.sockets = {p.id: make_socket(self.ctx, zmq.PUSH, connect=p.stages[0].inbound, max_bytes=CONTROL_MAX_BYTES)
-                        for p in deployment.pipelines}
+        self.sockets: dict[str, zmq.asyncio.Socket] = {}  # to each pipeline's first stage, by its key
+        self.sync_routes({})
         self.notify = make_socket(self.ctx, zmq.PUSH, connect=notify, max_bytes=CONTROL_MAX_BYTES) if notify else None
         self.backlog: dict[bytes, deque] = {}  # per client: events it could not take yet, in order
         self.backlog_since: dict[bytes, float] = {}  # when each backlog last moved
@@ -59,6 +65,7 @@ class Broker(BrokerState):
             # A second instance for the tokenizing thread: a Rust tokenizer in use by one thread refuses
             # another ("Already borrowed"), and the loop decodes finished requests' text meanwhile.
             self.encoder = AutoTokenizer.from_pretrained(self.info.path, trust_remote_code=False)
+            self.max_token_chars = max((len(token) for token in self.tokenizer.get_vocab()), default=0)
         except Exception as exc:  # token-id requests still work
             log.warning("no usable tokenizer in %s (%s): only prompt_ids requests are served", self.info.path, exc)
 
@@ -74,12 +81,59 @@ class Broker(BrokerState):
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
+    # ------------------------------------------------------------------ redeploys
+    def sync_routes(self, renamed: dict[str, str]) -> None:
+        """One PUSH socket per pipeline (current or retiring) to its first stage; a retired pipeline's
+        socket moves with it to its new key and closes once it is gone."""
+        for old, new in renamed.items():
+            if old in self.sockets:
+                self.sockets[new] = self.sockets.pop(old)
+        routes = self.routes()
+        for key in [k for k in self.sockets if k not in routes]:
+            self.sockets.pop(key).close(linger=500)  # its last Cancels still go out
+        for key, endpoint in routes.items():
+            if key not in self.sockets:
+                self.sockets[key] = make_socket(self.ctx, zmq.PUSH, connect=endpoint, max_bytes=CONTROL_MAX_BYTES)
+
+    def check_file(self) -> None:
+        """Adopt a new version of the deployment file, or refuse an invalid one (logged, and in `status`):
+        the running version keeps serving."""
+        try:
+            text = self.config_path.read_bytes()
+        except OSError:  # in the middle of a swap: look again next time
+            return
+        version = file_version(text)
+        if version in (self.file_version, self.refused_version):
+            return
+        try:
+            deployment = load_deployment_text(text, self.config_path)
+        except DeploymentError as exc:
+            self.refused_version = version
+            log.error("refused the new deployment file (the running version keeps serving): %s", exc)
+            return self.refuse_file(str(exc))
+        if (deployment.broker.clients, deployment.broker.results) != (self.config.clients, self.config.results):
+            log.warning("the new deployment file moves the broker; this one serves until its supervisor replaces it")
+        log.info("adopting deployment file version %s", version)
+        self.sync_routes(self.redeploy(deployment, version))
+
+    async def watch_loop(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_S)
+            try:
+                self.check_file()
+            except Exception:
+                log.exception("following the deployment file failed")
+            self.sync_routes({})
+            self.send_outbox()
+
     # ------------------------------------------------------------------ sending
     def send_outbox(self) -> None:
         outbox, self.outbox = self.outbox, []
         for item in outbox:
             if isinstance(item, ToClient):
                 self.send_client(item.client, item.message)
+            elif item.pipeline not in self.sockets:
+                continue  # a retired pipeline's, gone meanwhile
             elif not send_now(self.sockets[item.pipeline], encode_control(item.message)):
                 # the stage is down and its queue full: a lost Submit is caught by the progress watchdog,
                 # a lost Cancel by the stage's own deadline and idle release
@@ -156,7 +210,10 @@ class Broker(BrokerState):
             self.notify.send_multipart(encode_control(BrokerReady(os.getpid())))
         log.info("broker ready: clients at %s, results at %s", self.config.clients, self.config.results)
         try:
-            await run_until_first_failure(self.client_loop(), self.results_loop(), self.tick_loop())
+            loops = [self.client_loop(), self.results_loop(), self.tick_loop()]
+            if self.config_path is not None:
+                loops.append(self.watch_loop())
+            await run_until_first_failure(*loops)
         finally:
             self.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
             self.ctx.destroy(linger=200)
@@ -168,7 +225,11 @@ def run_broker(config: str, notify: str | None = None) -> int:
     import uvloop
 
     try:
-        uvloop.run(Broker(load_deployment(config), notify).run())
+        text = Path(config).read_bytes()
+        uvloop.run(Broker(load_deployment_text(text, Path(config)), notify, config, text).run())
+    except OSError as exc:
+        log.error("cannot read %s: %s", config, exc.strerror)
+        return 1
     except KeyboardInterrupt:
         pass
     except DeploymentError as exc:

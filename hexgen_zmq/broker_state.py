@@ -19,7 +19,7 @@ import msgspec
 
 from hexgen_zmq.block_manager import BLOCK_SIZE, blocks_for
 from hexgen_zmq.deployment import Deployment, PipelineSpec
-from hexgen_zmq.messages import (BrokerEpoch, Cancel, CancelRequest, ErrorEvent, GenerateRequest, Heartbeat,
+from hexgen_zmq.messages import (BrokerEpoch, Cancel, CancelRequest, ErrorEvent, GenerateRequest, Heartbeat, HostReport,
                                  Message, PipelineStatus, Ping, Pong, StageCounters, StageFailed, StageReady,
                                  StatusReply, StatusRequest, Submit, TokenEvent, TokenEvents, Tokens)
 from hexgen_zmq.model_info import ModelInfo
@@ -29,6 +29,7 @@ log = logging.getLogger("broker")
 EPOCH_EVERY_S = 1.0  # how often first stages are reminded which broker incarnation serves
 LONG_STEP_S = 1.0  # a step running this long, as a heartbeat reports it, holds off the progress watchdog
 MAX_PROMPT_CHARS = 4_000_000  # text and chat prompts beyond this are refused before tokenizing
+HOST_REPORT_KEPT_S = 30.0  # a supervisor not heard from for this long drops out of `status`
 PACE_WEIGHT = 0.2  # of each step's new sample in a pipeline's pace (about the last 5 steps count)
 
 
@@ -41,6 +42,9 @@ class RequestError(ValueError):
 @dataclass
 class PipelineState:
     spec: PipelineSpec
+    version: str = ""  # Deployment.pipeline_version: stage messages of another version are not this pipeline's
+    key: str = ""  # in the broker's tables: the id while current, "ID@VERSION" once a redeploy retired it
+    retire_by: float | None = None  # retired by a redeploy, finishing its requests: until then at the latest
     last_seen: dict[str, float] = field(default_factory=dict)  # per stage, of its current incarnation
     incarnations: dict[str, int] = field(default_factory=dict)  # per stage: the incarnation serving now
     dead: set[int] = field(default_factory=set)  # incarnations that failed or were replaced
@@ -81,6 +85,10 @@ class PipelineState:
     @property
     def capacity_blocks(self) -> int:
         return min(self.capacity_tokens.values()) // BLOCK_SIZE if self.ready else 0
+
+    @property
+    def retiring(self) -> bool:
+        return self.retire_by is not None
 
     def silent_stage(self, now: float, timeout: float) -> str | None:
         for stage in self.spec.stages:
@@ -149,8 +157,14 @@ class BrokerState:
         self.max_context = self.info.max_positions
         if sliding := self.info.raw.get("sliding_window"):
             self.max_context = min(self.max_context, int(sliding))  # attention ignores windows: stay inside one
-        self.pipelines = {p.id: PipelineState(p) for p in deployment.pipelines}
-        self.stage_pipeline = {s.id: p.id for p in deployment.pipelines for s in p.stages}
+        self.pipelines: dict[str, PipelineState] = {}  # the current version of each pipeline, by id
+        self.retiring: dict[str, PipelineState] = {}  # versions a redeploy removed, finishing their requests
+        self.stage_pipeline: dict[str, str] = {}  # stage id -> id of its current pipeline
+        self.set_pipelines(deployment)
+        self.redeploys = 0
+        self.stale_messages = 0  # messages of a pipeline version that is gone (or not adopted yet)
+        self.file_version = ""
+        self.file_error: str | None = None
         self.requests: dict[int, InFlight] = {}
         self.by_client: dict[tuple[bytes, int], int] = {}
         self.tokenizing: dict[tuple[bytes, int], Tokenizing] = {}
@@ -165,19 +179,90 @@ class BrokerState:
         self.replayed = self.attempts = self.gave_up = 0
         self.failed_by_code: Counter[str] = Counter()
         self.tokenizer = self.encoder = None  # set by whoever loads them (the broker process)
+        self.max_token_chars = 0  # the tokenizer's longest vocabulary entry, in characters (0: unknown)
         self.last_tick = clock()
         self.last_epoch_sent = 0.0
         self.outbox: list[ToClient | ToPipeline] = []
         self.client_handlers = {GenerateRequest: self.on_generate, CancelRequest: self.on_cancel_request,
                                 Ping: self.on_ping, StatusRequest: self.on_status}
         self.stage_handlers = {Tokens: self.on_tokens, Heartbeat: self.on_heartbeat, StageReady: self.on_ready,
-                               StageFailed: self.on_stage_failed}
+                               StageFailed: self.on_stage_failed, HostReport: self.on_host_report}
+        self.hosts: dict[str, HostReport] = {}  # the latest report of each supervisor
+        self.hosts_seen: dict[str, float] = {}
 
     def to_client(self, client: bytes, message) -> None:
         self.outbox.append(ToClient(client, message))
 
     def to_pipeline(self, state: PipelineState, message) -> None:
-        self.outbox.append(ToPipeline(state.spec.id, message))
+        self.outbox.append(ToPipeline(state.key, message))
+
+    def set_pipelines(self, deployment: Deployment) -> None:
+        """Make each pipeline of `deployment` current: one whose version is unchanged keeps its state, a new or
+        changed one starts from nothing (ready once each of its stages is heard from at that version)."""
+        current = {}
+        for spec in deployment.pipelines:
+            version = deployment.pipeline_version(spec)
+            state = self.pipelines.get(spec.id)
+            if state is None or state.version != version:
+                state = PipelineState(spec, version, spec.id)
+            current[spec.id] = state
+        self.pipelines = current
+        self.stage_pipeline = {s.id: p.id for p in deployment.pipelines for s in p.stages}
+
+    def state_of(self, key: str) -> PipelineState:
+        return self.pipelines.get(key) or self.retiring[key]
+
+    def every_pipeline(self) -> list[PipelineState]:
+        return [*self.pipelines.values(), *self.retiring.values()]
+
+    def routes(self) -> dict[str, str]:
+        """Where each pipeline's messages go (its first stage's inbound), by key: for the I/O shell."""
+        return {state.key: state.spec.stages[0].inbound for state in self.every_pipeline()}
+
+    def redeploy(self, deployment: Deployment, file_version: str = "") -> dict[str, str]:
+        """Adopt a new version of the deployment file. Pipelines whose version is unchanged go on untouched;
+        one removed or changed takes no new requests, and its requests move to other pipelines at once
+        (`redeploy: replay`, from the tokens they have, not counted as a failed attempt) or finish where
+        they are until `drain_timeout_s`, then move (`finish`); new and changed pipelines take requests once
+        each of their stages is heard from at the new version. Returns the keys renamed {old: new} (a
+        retired pipeline is "ID@VERSION"), for the shell to move its sockets."""
+        old = self.pipelines
+        self.deployment, self.config = deployment, deployment.broker
+        self.set_pipelines(deployment)
+        self.redeploys += 1
+        self.file_version, self.file_error = file_version, None
+        renamed: dict[str, str] = {}
+        now = self.clock()
+        for pipeline_id, state in old.items():
+            if self.pipelines.get(pipeline_id) is state:
+                continue
+            state.key = f"{pipeline_id}@{state.version}"
+            renamed[pipeline_id] = state.key
+            self.retiring[state.key] = state
+            for request_id in state.in_flight:
+                self.requests[request_id].pipeline = state.key
+            state.retire_by = now + (self.config.drain_timeout_s if self.config.redeploy == "finish" else 0.0)
+            log.info("redeploy: pipeline %s (version %s) retires%s", pipeline_id, state.version,
+                     f", finishing {len(state.in_flight)} requests" if state.in_flight and self.config.redeploy == "finish"
+                     else "")
+        self.end_retired(now)
+        self.dispatch_queued()
+        return renamed
+
+    def refuse_file(self, error: str) -> None:
+        """A new version of the deployment file was invalid: the running one keeps serving."""
+        self.file_error = error
+
+    def end_retired(self, now: float) -> None:
+        """A retired pipeline that has no requests left, or whose deadline passed, is gone: what it still
+        has moves to other pipelines."""
+        for key, state in list(self.retiring.items()):
+            if state.in_flight and now < state.retire_by:
+                continue
+            state.draining = True
+            for request_id in list(state.in_flight):
+                self.replay(request_id, "stage_failed", f"pipeline {state.spec.id} was redeployed", counted=False)
+            del self.retiring[key]
 
     def on_client_message(self, client: bytes, message) -> None:
         """One decoded message from a client; what it may not send is counted and dropped."""
@@ -197,7 +282,7 @@ class BrokerState:
     def drain(self, pipeline: str, why: str, healthy: bool) -> None:
         """Move every request off a pipeline, each to a new attempt elsewhere (from the tokens it has), and
         take no new ones there: what a lost pipeline needs, and what a redeploy that removes one will."""
-        state = self.pipelines[pipeline]
+        state = self.state_of(pipeline)
         state.draining = healthy
         for request_id in list(state.in_flight):
             self.replay(request_id, "stage_failed", f"pipeline {pipeline} {'drained' if healthy else 'failed'}: {why}")
@@ -233,7 +318,7 @@ class BrokerState:
         if request_id in self.queue:
             self.queue.remove(request_id)
         if request.pipeline is not None:
-            state = self.pipelines[request.pipeline]
+            state = self.state_of(request.pipeline)
             state.in_flight.discard(request_id)
             state.reserved_blocks -= request.blocks
             if cancel:
@@ -288,6 +373,12 @@ class BrokerState:
                 if size > MAX_PROMPT_CHARS:
                     raise RequestError("prompt_too_long", f"a prompt of {size} characters exceeds {MAX_PROMPT_CHARS}")
                 self.need_tokenizer()
+                # No token covers more than the longest vocabulary entry (twice that, for normalizers that
+                # shrink text): a text too long for the context even so is refused without tokenizing it.
+                if self.max_token_chars and size / (2 * self.max_token_chars) > self.max_context:
+                    raise RequestError("prompt_too_long", f"a prompt of {size} characters is at least "
+                                       f"{size // (2 * self.max_token_chars)} tokens, past the model's context "
+                                       f"of {self.max_context}")
         except RequestError as exc:
             return self.reply_error(client, message.client_request_id, exc.code, str(exc))
         except ValueError as exc:
@@ -376,15 +467,15 @@ class BrokerState:
         self.next_id = self.next_id + 1 if self.next_id < 2**32 - 1 else 1
         return request_id
 
-    def replay(self, request_id: int, code: str, why: str) -> None:
+    def replay(self, request_id: int, code: str, why: str, counted: bool = True) -> None:
         """The request's pipeline failed under it: cancel that attempt, and go on with a new one (a new id:
         whatever the old one still sends is ignored) from the tokens emitted so far, ahead of the queue, on
         whichever healthy pipeline can take it first; or fail it once its attempts are used up, or when the
-        failure is the request's own."""
+        failure is the request's own. A move that a redeploy makes is not `counted` as a failed attempt."""
         request = self.requests.get(request_id)
         if request is None:
             return
-        if not replayable(code) or request.attempts >= self.config.max_attempts:
+        if not replayable(code) or (counted and request.attempts >= self.config.max_attempts):
             if replayable(code):
                 self.gave_up += 1
                 why = f"{why} (after {request.attempts} attempts)"
@@ -394,7 +485,7 @@ class BrokerState:
         request.submit = continuation(request.first, request.tokens, request.max_new_tokens, new_id, self.epoch,
                                       request.deadline - self.clock())
         request.pipeline = request.last_token_at = request.dispatched_at = None
-        request.attempts += 1
+        request.attempts += counted
         self.requests[new_id] = request
         self.by_client[(request.client, request.client_request_id)] = new_id
         self.replayed += 1
@@ -411,11 +502,11 @@ class BrokerState:
         if not fits:
             return False
         state = min(fits, key=self.dispatch_order(fits))
-        submit = msgspec.structs.replace(request.submit, kv_budget_blocks=state.capacity_blocks)
+        submit = msgspec.structs.replace(request.submit, kv_budget_blocks=state.capacity_blocks, version=state.version)
         self.to_pipeline(state, submit)
         state.in_flight.add(request_id)
         state.reserved_blocks += request.blocks
-        request.pipeline = state.spec.id
+        request.pipeline = state.key
         request.dispatched_at = self.clock()
         return True
 
@@ -447,11 +538,17 @@ class BrokerState:
         pipelines = [PipelineStatus(p.spec.id, p.ready, p.healthy, len(p.in_flight), sorted(p.last_seen),
                                     dict(p.cached_requests), dict(p.kv_blocks_used), dict(p.kv_blocks_total),
                                     dict(p.bad_messages), p.failure, dict(p.incarnations), len(p.dead),
-                                    dict(p.counters))
-                     for p in self.pipelines.values()]
+                                    dict(p.counters), p.version, p.retiring)
+                     for p in self.every_pipeline()]
+        hosts = [report for _, report in sorted(self.hosts.items())]
         self.to_client(client, StatusReply(pipelines, len(self.queue), message.nonce, self.bad_messages,
                                            dict(self.failed_by_code), self.epoch, self.replayed, self.attempts,
-                                           self.gave_up))
+                                           self.gave_up, hosts, self.file_version, self.file_error, self.redeploys))
+
+    def on_host_report(self, message: HostReport) -> None:
+        """A supervisor's news of its host's processes, kept for `status` (hosts unheard of for long drop out)."""
+        self.hosts[message.host] = message
+        self.hosts_seen[message.host] = self.clock()
 
     def on_tokens(self, message: Tokens) -> None:
         """Stream one step's tokens: one message per client, however many of its requests moved."""
@@ -459,8 +556,13 @@ class BrokerState:
         now = self.clock()
         gaps: list[float] = []
         state = self.pipelines.get(message.pipeline_id)
-        if state is None:
+        if state is None and message.pipeline_id not in {p.spec.id for p in self.retiring.values()}:
             return self.reject(f"tokens from unknown pipeline {message.pipeline_id!r}")
+        if state is None or (message.version and message.version != state.version):
+            state = self.retiring.get(f"{message.pipeline_id}@{message.version}")
+            if state is None:
+                self.stale_messages += 1  # of a version retired and gone, or not adopted here yet
+                return
         serving = state.incarnations.get(state.spec.stages[-1].id)
         if message.incarnation != serving:  # a late message of an incarnation that is gone, or a forgery
             if serving is not None:  # (with none yet, this broker has just started: not the sender's fault)
@@ -469,7 +571,7 @@ class BrokerState:
         load = len(state.in_flight)
         for record in message.records:
             request = self.requests.get(record.request_id)
-            if request is None or request.pipeline != message.pipeline_id:
+            if request is None or request.pipeline != state.key:
                 continue
             if record.token >= self.info.vocab_size:
                 self.reject(f"token {record.token} outside the vocabulary from pipeline {message.pipeline_id}")
@@ -487,7 +589,7 @@ class BrokerState:
             if record.finished:
                 text = self.text_of(request.tokens)
                 event = TokenEvent(request.client_request_id, [record.token], True, record.reason, text,
-                                   len(request.prompt), request.pipeline, logprobs, index)
+                                   len(request.prompt), state.spec.id, logprobs, index)
             else:
                 event = TokenEvent(request.client_request_id, [record.token], logprobs=logprobs, index=index)
             by_client.setdefault(request.client, []).append(event)
@@ -498,15 +600,29 @@ class BrokerState:
         if gaps:
             state.observe_pace(sum(gaps) / len(gaps), load)
 
-    def _stage(self, stage_id: str, incarnation: int, what: str) -> PipelineState | None:
+    def _pipeline_of(self, stage_id: str, version: str, what: str) -> PipelineState | None:
+        """The pipeline, current or retiring, that a message of this stage at this version belongs to; None
+        (counted as stale) for a version that is gone or not adopted here yet, or an unknown stage."""
+        pipeline = self.stage_pipeline.get(stage_id)
+        if pipeline is not None and (not version or self.pipelines[pipeline].version == version):
+            return self.pipelines[pipeline]
+        for state in self.retiring.values():
+            if state.version == version and any(s.id == stage_id for s in state.spec.stages):
+                return state
+        if pipeline is None and not any(s.id == stage_id for p in self.retiring.values() for s in p.spec.stages):
+            self.reject(f"{what} from unknown stage {stage_id!r}")
+        else:
+            self.stale_messages += 1
+        return None
+
+    def _stage(self, stage_id: str, incarnation: int, what: str, version: str = "") -> PipelineState | None:
         """The pipeline of a stage message from a live incarnation; a stage that is new or restarted is
         registered on the way (a heartbeat counts: a restarted broker never saw the stages' StageReady), and
         the pipeline of an incarnation it replaces loses its requests. None for a message to ignore."""
-        pipeline = self.stage_pipeline.get(stage_id)
-        if pipeline is None:
-            self.reject(f"{what} from unknown stage {stage_id!r}")
+        state = self._pipeline_of(stage_id, version, what)
+        if state is None:
             return None
-        state = self.pipelines[pipeline]
+        pipeline = state.key
         if incarnation in state.dead:
             return None  # a late message of an incarnation that failed or was replaced
         current = state.incarnations.get(stage_id)
@@ -528,7 +644,7 @@ class BrokerState:
             state.healthy, state.failure = True, None
 
     def on_heartbeat(self, message: Heartbeat) -> None:
-        state = self._stage(message.stage_id, message.incarnation, "heartbeat")
+        state = self._stage(message.stage_id, message.incarnation, "heartbeat", message.version)
         if state is None:
             return
         state.cached_requests[message.stage_id] = message.running
@@ -541,17 +657,17 @@ class BrokerState:
         self._seen(state, message.stage_id, message.kv_capacity_tokens)
 
     def on_ready(self, message: StageReady) -> None:
-        state = self._stage(message.stage_id, message.incarnation, "StageReady")
+        state = self._stage(message.stage_id, message.incarnation, "StageReady", message.version)
         if state is None:
             return
         log.info("stage %s ready (pid %d, %d KV tokens)", message.stage_id, message.pid, message.kv_capacity_tokens)
         self._seen(state, message.stage_id, message.kv_capacity_tokens)
 
     def on_stage_failed(self, message: StageFailed) -> None:
-        pipeline = self.stage_pipeline.get(message.stage_id)
-        if pipeline is None:
-            return self.reject(f"failure report from unknown stage {message.stage_id!r}")
-        state = self.pipelines[pipeline]
+        state = self._pipeline_of(message.stage_id, message.version, "failure report")
+        if state is None:
+            return
+        pipeline = state.key
         if message.incarnation in state.dead:
             return
         if message.request_ids:
@@ -568,7 +684,7 @@ class BrokerState:
         self.lose_pipeline(pipeline, message.message)
 
     def lose_pipeline(self, pipeline: str, why: str) -> None:
-        state = self.pipelines[pipeline]
+        state = self.state_of(pipeline)
         if state.healthy:
             log.error("pipeline %s lost: %s", pipeline, why)
         state.healthy = False
@@ -588,11 +704,14 @@ class BrokerState:
                 self.fail(request_id, "no_pipeline", "no pipeline became ready before the request's deadline")
             else:
                 self.fail(request_id, "timeout", "the request passed its deadline")
-        for state in self.pipelines.values():
+        for state in self.every_pipeline():
             if timely and state.healthy and (silent := state.silent_stage(now, self.config.stage_timeout_s)):
-                self.lose_pipeline(state.spec.id, f"stage {silent} stopped responding "
+                self.lose_pipeline(state.key, f"stage {silent} stopped responding "
                                    f"(no heartbeat for {self.config.stage_timeout_s:g} s)")
         self.watch_progress(now)
+        self.end_retired(now)
+        for host in [h for h, seen in self.hosts_seen.items() if now - seen > HOST_REPORT_KEPT_S]:
+            del self.hosts[host], self.hosts_seen[host]
         gone = {c for c, seen in self.client_seen.items() if now - seen > self.config.client_timeout_s}
         for client in gone:
             self.drop_client(client, notify=True)
@@ -626,18 +745,18 @@ class BrokerState:
         nothing in it moves any more. A step that a heartbeat shows running for over LONG_STEP_S (and under
         the limit) counts as movement, so one long prefill is not mistaken for lost work."""
         limit = self.config.progress_timeout_s
-        for state in self.pipelines.values():
+        for state in self.every_pipeline():
             if not state.healthy or not state.in_flight:
                 continue
             stalled = [r for r in state.in_flight if self.requests[r].stalled_s(now, state.long_step_seen) > limit]
             if not stalled:
                 continue
             if len(stalled) == len(state.in_flight):
-                self.lose_pipeline(state.spec.id, f"no progress for {limit:g} s with {len(stalled)} requests in it")
+                self.lose_pipeline(state.key, f"no progress for {limit:g} s with {len(stalled)} requests in it")
                 continue
             for request_id in stalled:
-                log.error("request %d made no progress for %g s on %s", request_id, limit, state.spec.id)
-                self.replay(request_id, "stage_failed", f"lost in pipeline {state.spec.id}: no progress for {limit:g} s")
+                log.error("request %d made no progress for %g s on %s", request_id, limit, state.key)
+                self.replay(request_id, "stage_failed", f"lost in pipeline {state.key}: no progress for {limit:g} s")
 
     def drop_client(self, client: bytes, notify: bool) -> None:
         """A client that went silent: its requests are cancelled, and told so should it come back."""

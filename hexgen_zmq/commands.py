@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import signal
 import sys
 import time
@@ -24,15 +25,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--notify", default=None)
     p.set_defaults(func=cmd_broker)
 
-    p = subparsers.add_parser("up", help="start the broker and every stage of a deployment on this machine")
-    p.add_argument("config", help="deployment file")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: cores / ranks)")
+    p = subparsers.add_parser("up", help="supervise the processes of a deployment: every one on this machine, "
+                                         "or those placed on one host (--host)")
+    p.add_argument("config", help="deployment file (watched: a new version is applied, see `redeploy`)")
+    p.add_argument("--host", default=None, help="run only the processes placed on this host (a name from "
+                                                "`hosts:`, or the address its ranks give)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per rank (default: cores / ranks on this host)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every process to be ready")
     p.add_argument("--log-dir", default=None, help="write each process's output to a file here")
     p.add_argument("--http", type=parse_listen, default=None, metavar="HOST:PORT",
                    help="also serve the OpenAI API and /metrics here (a `serve` process; its options below)")
     add_serve_args(p)
     p.set_defaults(func=cmd_up)
+
+    p = subparsers.add_parser("redeploy", help="validate a new deployment file and replace the running one with "
+                                               "it atomically; the running system converges to it")
+    p.add_argument("config", help="the deployment file the processes follow")
+    p.add_argument("new", help="the new version")
+    p.set_defaults(func=cmd_redeploy)
+
+    p = subparsers.add_parser("render", help="write operators' files for one host (systemd units)")
+    p.add_argument("kind", choices=["systemd"])
+    p.add_argument("config", help="deployment file")
+    p.add_argument("--host", required=True, help="the host the units are for")
+    p.add_argument("--out", required=True, help="folder to write the units into")
+    p.add_argument("--per-process", action="store_true",
+                   help="one unit per process with systemd's restart policy, instead of the host's supervisor")
+    p.add_argument("--log-dir", default=None, help="(supervisor unit) each process's output goes to a file here")
+    p.set_defaults(func=cmd_render)
 
     p = subparsers.add_parser("serve", help="serve the OpenAI API (/v1/completions, /v1/chat/completions) and "
                                             "Prometheus /metrics in front of a running deployment")
@@ -114,25 +135,21 @@ def stop_on_signals() -> list[bool]:
     return stopping
 
 
-def serve(deployment, stopping: list[bool] | None = None, gateway: GatewayProcess | None = None) -> int:
-    """Wait while every process runs; 0 on Ctrl-C / SIGTERM, 1 when a process dies (named)."""
-    if stopping is None:
-        stopping = stop_on_signals()
+def supervise(supervisor, stopping: list[bool], gateway: GatewayProcess | None = None) -> int:
+    """Keep this host's processes running (and the gateway, when there is one) until Ctrl-C / SIGTERM."""
     try:
         while not stopping:
-            dead = deployment.dead()
-            if dead is None and gateway is not None and not gateway.alive:
-                dead = "gateway"
-            if dead is not None:
-                print(f"hexgen-zmq: process {dead} exited; stopping the deployment", file=sys.stderr)
-                return 1
-            time.sleep(0.2)
+            supervisor.step()
+            if gateway is not None and not gateway.alive:
+                print("hexgen-zmq: the HTTP gateway exited; restarting it", file=sys.stderr)
+                gateway.restart()
+            time.sleep(0.1)
         return 0
     finally:
         print("hexgen-zmq: stopping", file=sys.stderr)
         if gateway is not None:
             gateway.stop()
-        deployment.stop()
+        supervisor.stop()
 
 
 class GatewayProcess:
@@ -140,14 +157,18 @@ class GatewayProcess:
 
     def __init__(self, config: str | Path, listen: tuple[str, int], options: list[str] | None = None,
                  log_path: str | Path | None = None, tls: bool = False):
-        import subprocess
-
         self.host, self.port = listen
         self.url = f"{'https' if tls else 'http'}://{self.host}:{self.port}"
-        out = open(log_path, "wb") if log_path else None
-        cmd = [sys.executable, "-m", "hexgen_zmq.cli", "serve", "--config", str(config), "--listen",
-               f"{self.host}:{self.port}", *(options or [])]
-        self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
+        self.log_path = log_path
+        self.cmd = [sys.executable, "-m", "hexgen_zmq.cli", "serve", "--config", str(config), "--listen",
+                    f"{self.host}:{self.port}", *(options or [])]
+        self.restart()
+
+    def restart(self) -> None:
+        import subprocess
+
+        out = open(self.log_path, "ab") if self.log_path else None
+        self.process = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
                                         start_new_session=True)
         if out is not None:
             out.close()
@@ -218,30 +239,91 @@ def start_gateway(args: argparse.Namespace, config: str | Path, log_dir: str | P
 
 def cmd_up(args: argparse.Namespace) -> int:
     from hexgen_zmq.deployment import DeploymentError
-    from hexgen_zmq.launcher import LaunchError, LocalDeployment
+    from hexgen_zmq.launcher import LaunchError
+    from hexgen_zmq.supervisor import Supervisor
 
-    # Ctrl-C or SIGTERM while starting: start() notices between spawns and stops what it started.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s [supervisor] %(levelname)s %(message)s")
+    # Ctrl-C or SIGTERM while starting: the start-up wait notices and stops what it started.
     stopping = stop_on_signals()
     try:
-        deployment = LocalDeployment(args.config, log_dir=args.log_dir, threads=args.threads)
-        layout = ", ".join(f"{p.id}: " + " -> ".join(f"{s.id}[{s.layers[0]},{s.layers[1]})x{s.tp}" for s in p.stages)
-                           for p in deployment.deployment.pipelines)
-        print(f"hexgen-zmq: starting {layout}", file=sys.stderr)
-        deployment.start(timeout_s=args.timeout, stop_requested=lambda: bool(stopping))
+        supervisor = Supervisor(args.config, args.host, log_dir=args.log_dir, threads=args.threads)
     except (DeploymentError, LaunchError) as exc:
         print(f"hexgen-zmq: {exc}", file=sys.stderr)
+        return 1
+    deployment = supervisor.deployment
+    layout = ", ".join(f"{p.id}: " + " -> ".join(f"{s.id}[{s.layers[0]},{s.layers[1]})x{s.tp}" for s in p.stages)
+                       for p in deployment.pipelines)
+    where = f" on host {args.host} ({', '.join(sorted(supervisor.wanted))})" if args.host else ""
+    print(f"hexgen-zmq: starting {layout}{where}", file=sys.stderr)
+    try:
+        supervisor.wait_ready(args.timeout, stop_requested=lambda: bool(stopping))
+    except LaunchError as exc:
+        print(f"hexgen-zmq: {exc}", file=sys.stderr)
+        supervisor.stop()
         return 0 if stopping else 1
-    print(f"hexgen-zmq: ready; clients connect to {deployment.address}", flush=True)
+    print(f"hexgen-zmq: ready; clients connect to {deployment.broker.clients}", flush=True)
     gateway = None
     if args.http is not None:
         try:
             gateway = start_gateway(args, args.config, args.log_dir, lambda: bool(stopping))
         except RuntimeError as exc:
             print(f"hexgen-zmq: {exc}", file=sys.stderr)
-            deployment.stop()
+            supervisor.stop()
             return 0 if stopping else 1
         print(f"hexgen-zmq: OpenAI API at {gateway.url}/v1, metrics at {gateway.url}/metrics", flush=True)
-    return serve(deployment, stopping, gateway)
+    return supervise(supervisor, stopping, gateway)
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from hexgen_zmq.deployment import DeploymentError, load_deployment
+    from hexgen_zmq.supervision import host_processes
+    from hexgen_zmq.systemd_units import render
+
+    try:
+        deployment = load_deployment(args.config, check_checkpoint=False)
+    except DeploymentError as exc:
+        print(f"hexgen-zmq: {exc}", file=sys.stderr)
+        return 1
+    if not host_processes(deployment, args.host):
+        print(f"hexgen-zmq: no process of {args.config} is placed on host {args.host!r}", file=sys.stderr)
+        return 1
+    for path in render(deployment, Path(args.config), args.host, Path(args.out), args.per_process,
+                       Path(args.log_dir).resolve() if args.log_dir else None):
+        print(path)
+    return 0
+
+
+def cmd_redeploy(args: argparse.Namespace) -> int:
+    """Validate NEW, then put it in place of F by a rename (atomic on one file system), so that every
+    process watching F sees either the old version or the new one, never half of a file."""
+    import os
+    import tempfile
+
+    from hexgen_zmq.deployment import DeploymentError, load_deployment
+
+    try:
+        load_deployment(args.new)
+    except DeploymentError as exc:
+        print(f"hexgen-zmq: {args.new} is refused, {args.config} is unchanged: {exc}", file=sys.stderr)
+        return 1
+    target = Path(args.config)
+    text = Path(args.new).read_bytes()
+    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        if target.exists():
+            os.chmod(temporary, target.stat().st_mode & 0o777)
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    from hexgen_zmq.deployment import file_version
+
+    print(f"hexgen-zmq: {target} is now version {file_version(text)}; the running system converges to it")
+    return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -310,8 +392,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         incarnations = ", ".join(f"{stage}:{n:016x}" for stage, n in sorted(p.incarnations.items()))
         print(f"{p.id}: ready={p.ready} healthy={p.healthy} in_flight={p.in_flight} "
               f"stages={','.join(p.stages_ready)} requests_cached=[{cached}] kv_blocks=[{blocks}] "
-              f"bad_messages=[{bad}] incarnations=[{incarnations}] restarts={p.restarts}"
+              f"bad_messages=[{bad}] incarnations=[{incarnations}] restarts={p.restarts} version={p.version}"
+              + (" retiring" if p.retiring else "")
               + (f" failure={p.failure!r}" if p.failure else ""))
+    for host in reply.hosts:
+        processes = ", ".join(f"{p.name}:{p.state}" + (f"(restarts={p.restarts},last_exit={p.last_exit})"
+                                                        if p.restarts or p.last_exit is not None else "")
+                              for p in host.processes)
+        print(f"host {host.host}: supervisor pid {host.pid} file={host.file_version} [{processes}]"
+              + (f" refused_file={host.file_error!r}" if host.file_error else ""))
+    print(f"deployment file: version {reply.file_version or '?'} redeploys={reply.redeploys}"
+          + (f" refused={reply.file_error!r}" if reply.file_error else ""))
     failed = ", ".join(f"{code}:{n}" for code, n in sorted(reply.requests_failed.items()))
     print(f"queued: {reply.queued}  broker: {reply.broker:016x} bad_messages={reply.bad_messages} "
           f"attempts={reply.attempts} replayed={reply.replayed} failed_after_last_attempt={reply.gave_up} "

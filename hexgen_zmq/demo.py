@@ -95,8 +95,9 @@ def get_model(name: str, model_dir: str | None) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hexgen_zmq.commands import GatewayProcess, print_stream, serve
-    from hexgen_zmq.launcher import LaunchError, LocalDeployment
+    from hexgen_zmq.commands import GatewayProcess, print_stream, stop_on_signals, supervise
+    from hexgen_zmq.launcher import LaunchError
+    from hexgen_zmq.supervisor import Supervisor
     from hexgen_zmq.model_info import read_model_info
 
     model = get_model(args.model, args.model_dir)
@@ -104,20 +105,24 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(tempfile.mkdtemp(prefix="hexgen-demo-"))
     config = run_dir / "deployment.yaml"
     config.write_text(yaml.safe_dump(local_deployment(model, info.num_layers), sort_keys=False))
-    local = LocalDeployment(config, log_dir=run_dir / "logs")
+    local = Supervisor(config, log_dir=run_dir / "logs")
+    address = local.deployment.broker.clients
     for pipeline in local.deployment.pipelines:
         stages = ", ".join(f"{s.id} layers [{s.layers[0]}, {s.layers[1]})" for s in pipeline.stages)
         print(f"pipeline {pipeline.id}: {stages}", file=sys.stderr)
     print(f"starting {sum(len(p.stages) for p in local.deployment.pipelines)} stage processes and a broker "
           f"(deployment file and logs in {run_dir}) ...", file=sys.stderr)
     try:
-        local.start()
-    except LaunchError as exc:
+        local.wait_ready(300)
+    except BaseException as exc:
+        local.stop()
+        if not isinstance(exc, LaunchError):
+            raise
         print(f"hexgen-zmq: {exc}", file=sys.stderr)
         return 1
     gateway = None
     try:
-        print(f"ready; clients connect to {local.address}", file=sys.stderr)
+        print(f"ready; clients connect to {address}", file=sys.stderr)
         if args.http is not None:
             gateway = GatewayProcess(config, args.http, log_path=run_dir / "logs" / "gateway.log")
             gateway.wait_ready()
@@ -130,12 +135,12 @@ def run(args: argparse.Namespace) -> int:
                 print_http_stream(gateway.url, question, args.max_new_tokens)
             else:
                 request = {"messages": [{"role": "user", "content": question}], "max_new_tokens": args.max_new_tokens}
-                asyncio.run(print_stream(local.address, request, str(model)))
+                asyncio.run(print_stream(address, request, str(model)))
             print(flush=True)
         if args.serve:
-            print(f"serving on {local.address}{f' and {gateway.url}/v1' if gateway else ''}; Ctrl-C stops",
+            print(f"serving on {address}{f' and {gateway.url}/v1' if gateway else ''}; Ctrl-C stops",
                   file=sys.stderr)
-            return serve(local, gateway=gateway)
+            return supervise(local, stop_on_signals(), gateway)
         return 0
     except RuntimeError as exc:  # the gateway did not start
         print(f"hexgen-zmq: {exc}", file=sys.stderr)

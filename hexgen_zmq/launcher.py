@@ -35,6 +35,36 @@ class Child:
     args: list[str]
 
 
+def spawn(name: str, args: list[str], config: Path, notify: str | None, log_dir: Path | None,
+          env: dict[str, str]) -> tuple[subprocess.Popen, Path | None]:
+    """Start one process of a deployment (`hexgen-zmq ARGS --config F`) in a session of its own, its output
+    appended to LOG_DIR/NAME.log when a log folder is given."""
+    cmd = [sys.executable, "-m", "hexgen_zmq.cli", *args, "--config", str(config)]
+    if notify is not None:
+        cmd += ["--notify", notify]
+    log_path = None
+    out = None
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = log_dir / f"{name.replace(':', '-')}.log"
+        out = open(log_path, "ab")
+    try:
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None, env=env,
+                                   start_new_session=True)
+    finally:
+        if out is not None:
+            out.close()
+    return process, log_path
+
+
+def log_tail(log_path: Path | None, lines: int = 15) -> str:
+    """The end of a process's log, to show with the news that it died."""
+    if log_path is None or not log_path.exists():
+        return ""
+    tail = log_path.read_text(errors="replace").strip().splitlines()[-lines:]
+    return f" (log {log_path}):\n" + "\n".join(tail)
+
+
 class LocalDeployment:
     def __init__(self, config: str | Path, *, log_dir: str | Path | None = None, threads: int | None = None,
                  env: dict[str, str] | None = None, start_timeout_s: float = 180.0):
@@ -52,19 +82,7 @@ class LocalDeployment:
         return self.deployment.broker.clients
 
     def _spawn(self, name: str, args: list[str], notify: str | None) -> Child:
-        cmd = [sys.executable, "-m", "hexgen_zmq.cli", *args, "--config", str(self.config)]
-        if notify is not None:
-            cmd += ["--notify", notify]
-        log_path = None
-        out = None
-        if self.log_dir is not None:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            log_path = self.log_dir / f"{name.replace(':', '-')}.log"
-            out = open(log_path, "ab")
-        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None, env=self.env,
-                                   start_new_session=True)
-        if out is not None:
-            out.close()
+        process, log_path = spawn(name, args, self.config, notify, self.log_dir, self.env)
         child = Child(name, process, log_path, args)
         self.children.append(child)
         return child
@@ -149,10 +167,7 @@ class LocalDeployment:
 
     def _log_hint(self, name: str) -> str:
         child = next((c for c in self.children if c.name == name), None)
-        if child is None or child.log_path is None or not child.log_path.exists():
-            return ""
-        tail = child.log_path.read_text(errors="replace").strip().splitlines()[-15:]
-        return f" (log {child.log_path}):\n" + "\n".join(tail)
+        return log_tail(child.log_path if child else None)
 
     def dead(self) -> str | None:
         """The name of a process that has exited, if any."""

@@ -92,6 +92,7 @@ class Submit(Base, frozen=True):
     kv_budget_blocks: Count = 0  # the smallest KV cache of the pipeline's stages, in blocks (0: unknown)
     broker: Id = 0  # the incarnation of the broker that sent it (see BrokerEpoch)
     generated: Count = 0  # output tokens emitted before this attempt (the end of `prompt`); 0 for a new request
+    version: str = ""  # of the pipeline it was sent to: a stage of another version drops it
 
 
 class Cancel(Base, frozen=True):
@@ -174,6 +175,7 @@ class StageReady(Base, frozen=True):
     pid: int
     kv_capacity_tokens: int = 0
     incarnation: Id = 0  # random per start of the stage: a restart is told apart from a late message
+    version: str = ""  # the pipeline version it belongs to (Deployment.pipeline_version); "" from older peers
 
 
 class StageCounters(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, gc=False):
@@ -199,6 +201,7 @@ class Heartbeat(Base, frozen=True):
     failed_requests: Count = 0  # requests this stage failed alone (bad parameters, a sampling error, ...)
     incarnation: Id = 0
     counters: StageCounters = msgspec.field(default_factory=StageCounters)
+    version: str = ""
 
 
 class Tokens(Base, frozen=True):
@@ -207,6 +210,7 @@ class Tokens(Base, frozen=True):
     pipeline_id: str
     records: list[TokenRecord]
     incarnation: Id = 0  # of the last stage that sampled them
+    version: str = ""
 
 
 class StageFailed(Base, frozen=True):
@@ -217,6 +221,29 @@ class StageFailed(Base, frozen=True):
     request_ids: list[Id] = []
     code: str = "stage_failed"  # for request_ids: the error code their clients get
     incarnation: Id = 0
+    version: str = ""
+
+
+class ProcessReport(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, gc=False):
+    """One process under a host's supervisor."""
+
+    name: str  # "broker" or "STAGE:RANK"
+    state: str  # starting | running | backoff | failed | stopping
+    pid: int = 0
+    restarts: int = 0
+    last_exit: int | None = None  # its last exit status (negative: the signal that killed it)
+    version: str = ""  # the pipeline version it runs
+
+
+class HostReport(Base, frozen=True):
+    """Supervisor -> broker (results socket), every second: how the processes of one host are, and which
+    version of the deployment file it runs (or why it refused the newest one)."""
+
+    host: str
+    pid: int
+    processes: list[ProcessReport] = []
+    file_version: str = ""  # digest of the deployment file it follows
+    file_error: str | None = None  # why the newest file was refused (the running version keeps serving)
 
 
 class BrokerReady(Base, frozen=True):
@@ -300,6 +327,8 @@ class PipelineStatus(msgspec.Struct, frozen=True, gc=False):
     incarnations: dict[str, int] = {}  # per stage: the incarnation serving now
     restarts: int = 0  # stage incarnations this pipeline has seen replaced or failed
     stage_counters: dict[str, StageCounters] = {}  # per stage: its cumulative step and bytes counters
+    version: str = ""  # the pipeline's version (a redeploy that changes a pipeline makes a new version)
+    retiring: bool = False  # removed or changed by a redeploy: takes no new requests, finishing what it has
 
 
 class StatusReply(Base, frozen=True):
@@ -312,11 +341,15 @@ class StatusReply(Base, frozen=True):
     replayed: int = 0  # requests moved to another attempt after their pipeline failed
     attempts: int = 0  # attempts started, first ones included
     gave_up: int = 0  # requests failed after their last allowed attempt
+    hosts: list[HostReport] = []  # the latest report of every supervisor heard from
+    file_version: str = ""  # digest of the deployment file the broker runs
+    file_error: str | None = None  # why the broker refused the newest file
+    redeploys: int = 0  # new versions of the deployment file adopted since the broker started
 
 
 Message = Union[
     Submit, Cancel, BrokerEpoch, MicroBatch, Feedback, StageReady, Heartbeat, Tokens, StageFailed, BrokerReady,
-    GenerateRequest, CancelRequest, Ping, Pong, StatusRequest, TokenEvent, TokenEvents, ErrorEvent, StatusReply,
+    HostReport, GenerateRequest, CancelRequest, Ping, Pong, StatusRequest, TokenEvent, TokenEvents, ErrorEvent, StatusReply,
 ]
 
 

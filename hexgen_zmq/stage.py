@@ -70,6 +70,7 @@ class StageLeader:
         self.deployment = deployment
         self.pipeline, self.index = deployment.stage(stage_id)
         self.spec = self.pipeline.stages[self.index]
+        self.version = deployment.pipeline_version(self.pipeline)  # on every message to the broker
         self.first = self.index == 0
         self.last = self.index == len(self.pipeline.stages) - 1
         self.worker, self.tp = worker, tp
@@ -115,7 +116,7 @@ class StageLeader:
         self.log.warning("rejected message #%d: %s", self.bad_messages, why)
         if request_ids:
             self.send_broker(StageFailed(self.spec.id, f"stage {self.spec.id}: {why}", list(request_ids), code,
-                                         self.incarnation))
+                                         self.incarnation, self.version))
 
     async def receive_loop(self) -> None:
         while True:
@@ -160,6 +161,8 @@ class StageLeader:
             return self.reject("Submit sent to a stage that is not first", [message.request_id])
         if tensors:
             return self.reject("Submit with tensors", [message.request_id])
+        if message.version and message.version != self.version:  # sent to the pipeline this one replaced
+            return self.reject(f"Submit for pipeline version {message.version}, this stage is {self.version}")
         if not self.adopt_broker(message.broker):
             return self.reject(f"Submit from a broker incarnation ({message.broker}) older than the one served")
         if why := self.invalid_submit(message):  # checked here too, so one bad request cannot fail a batch
@@ -290,7 +293,7 @@ class StageLeader:
                 self.bytes_sent += frames_bytes(frames)
                 await self.to_first.send_multipart(frames, copy=False)
         if records:
-            frames = encode(Tokens(self.pipeline.id, records, self.incarnation))
+            frames = encode(Tokens(self.pipeline.id, records, self.incarnation, self.version))
             self.broker_bytes_sent += frames_bytes(frames)
             await self.to_broker.send_multipart(frames, copy=False)
 
@@ -314,7 +317,7 @@ class StageLeader:
                          blocks.num_blocks, min(self.bad_messages, 2**31 - 1), running,
                          min(self.worker.failed_requests, 2**31 - 1), self.incarnation,
                          StageCounters(self.steps, self.step_seconds, self.step_tokens, self.step_requests,
-                                       self.bytes_sent, self.broker_bytes_sent))
+                                       self.bytes_sent, self.broker_bytes_sent), self.version)
 
     async def heartbeat_loop(self) -> None:
         """Liveness to the broker, never behind a step: nothing here waits for the compute thread."""
@@ -338,7 +341,7 @@ class StageLeader:
                 await self.release_idle()
 
     async def run(self) -> None:
-        ready = StageReady(self.spec.id, 0, os.getpid(), self.worker.capacity_tokens, self.incarnation)
+        ready = StageReady(self.spec.id, 0, os.getpid(), self.worker.capacity_tokens, self.incarnation, self.version)
         self.send_broker(ready)
         if self.notify is not None:
             self.notify.send_multipart(encode(ready))
@@ -349,7 +352,7 @@ class StageLeader:
 
     def fail(self, message: str) -> None:
         """Tell the broker (and the launcher) that this stage is gone."""
-        failed = StageFailed(self.spec.id, message, incarnation=self.incarnation)
+        failed = StageFailed(self.spec.id, message, incarnation=self.incarnation, version=self.version)
         for sock in (self.to_broker, self.notify):
             if sock is not None:
                 try:

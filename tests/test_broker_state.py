@@ -8,7 +8,7 @@ import pytest
 from hexgen_zmq.broker_state import BrokerState, ToClient, ToPipeline
 from hexgen_zmq.deployment import load_deployment
 from hexgen_zmq.messages import (Cancel, ErrorEvent, GenerateRequest, Heartbeat, SamplingParams, StageFailed,
-                                 StageReady, Submit, TokenEvent, TokenRecord, Tokens)
+                                 StageReady, StatusReply, StatusRequest, Submit, TokenEvent, TokenRecord, Tokens)
 from hexgen_zmq.model_info import read_model_info
 from tests.support import deployment_dict
 
@@ -159,3 +159,103 @@ def test_a_resumed_request_goes_on_after_the_tokens_the_client_has(broker):
     assert submit.prompt == [3, 4, 8, 9] and submit.params.max_new_tokens == 4 and submit.generated == 2
     [event] = events(tokens(broker, pipeline, submit.request_id, 10))
     assert isinstance(event, TokenEvent) and event.index == 2
+
+
+def redeployed(broker, tiny_model, pipelines, **edits):
+    """The broker's deployment with `pipelines` (p0, p1, ... as in deployment_dict) in place of its own, on
+    the broker's endpoints; pipelines whose stages are unchanged keep their endpoints too."""
+    spec = deployment_dict(tiny_model, pipelines, max_attempts=3, request_timeout_s=30, **edits)
+    spec["broker"].update(clients=broker.config.clients, results=broker.config.results)
+    for pipeline in spec["pipelines"]:
+        old = broker.pipelines.get(pipeline["id"])
+        if old is not None and [tuple(s["layers"]) for s in pipeline["stages"]] == [s.layers for s in old.spec.stages]:
+            for stage, old_stage in zip(pipeline["stages"], old.spec.stages):
+                stage.update(inbound=old_stage.inbound, tp_init=old_stage.tp_init)
+    return load_deployment(spec)
+
+
+def ready_all(broker, pipeline_id: str, generation: int) -> None:
+    state = broker.pipelines[pipeline_id]
+    for s, stage in enumerate(state.spec.stages):
+        broker.on_stage_message(StageReady(stage.id, 0, 300 + s, 4096, incarnation=incarnation(int(pipeline_id[1:]), s, generation),
+                                           version=state.version))
+
+
+def test_a_redeploy_keeps_unchanged_pipelines_and_moves_the_requests_of_a_changed_one(broker, tiny_model):
+    for i in range(4):
+        broker.on_client_message(CLIENT, GenerateRequest(i, SamplingParams(max_new_tokens=5), prompt_ids=[3, i]))
+    placed = submits(take(broker))
+    on_p1 = [s for p, s in placed if p == "p1"]
+    assert on_p1 and len(on_p1) < 4
+    kept = broker.pipelines["p0"]
+    renamed = broker.redeploy(redeployed(broker, tiny_model, [[(0, 6, 1)], [(0, 2, 1), (2, 6, 1)]]), "v2")
+    assert broker.pipelines["p0"] is kept, "an unchanged pipeline goes on untouched"
+    assert set(renamed) == {"p1"} and not broker.pipelines["p1"].ready
+    out = take(broker)
+    moved = submits(out)
+    assert len(moved) == len(on_p1) and all(p == "p0" for p, _ in moved), "moved at once, to the pipeline serving"
+    assert all(s.version == kept.version for _, s in moved)
+    assert {o.pipeline for o in out if isinstance(o.message, Cancel)} == {renamed["p1"]}
+    assert all(r.attempts == 1 for r in broker.requests.values()), "a redeploy's move is not a failed attempt"
+    # The old p1's last stage still sends tokens: they belong to a version that is gone.
+    old_version = renamed["p1"].split("@")[1]
+    broker.on_stage_message(Tokens("p1", [TokenRecord(on_p1[0].request_id, 5, False)], incarnation(1, 1),
+                                   version=old_version))
+    assert not events(take(broker)) and broker.stale_messages == 1
+    # Heartbeats of the old p1 do not make the new p1 ready; its own stages at the new version do.
+    broker.on_stage_message(Heartbeat(broker.pipelines["p1"].spec.stages[0].id, 4096, incarnation=incarnation(1, 0),
+                                      version=old_version))
+    assert not broker.pipelines["p1"].ready
+    ready_all(broker, "p1", generation=2)
+    assert broker.pipelines["p1"].ready
+    broker.on_client_message(CLIENT, GenerateRequest(9, SamplingParams(max_new_tokens=5), prompt_ids=[3]))
+    [(pipeline, submit)] = submits(take(broker))
+    assert pipeline == "p1" and submit.version == broker.pipelines["p1"].version
+    broker.on_client_message(CLIENT, StatusRequest(5))
+    [reply] = [o.message for o in take(broker) if isinstance(o.message, StatusReply)]
+    assert {p.id: p.version for p in reply.pipelines} == {"p0": kept.version, "p1": broker.pipelines["p1"].version}
+    assert reply.file_version == "v2" and reply.redeploys == 1
+
+
+def test_a_redeploy_in_finish_mode_lets_requests_end_where_they_are_until_the_deadline(broker, tiny_model):
+    new = redeployed(broker, tiny_model, [[(0, 6, 1)]], redeploy="finish", drain_timeout_s=20)
+    for i in range(4):
+        broker.on_client_message(CLIENT, GenerateRequest(i, SamplingParams(max_new_tokens=5), prompt_ids=[3, i]))
+    on_p1 = [s for p, s in submits(take(broker)) if p == "p1"]
+    assert len(on_p1) >= 2
+    broker.redeploy(new, "v2")
+    assert not submits(take(broker)), "finish: nothing moves yet"
+    [retiring] = broker.retiring.values()
+    assert retiring.spec.id == "p1" and retiring.retiring
+    # the first finishes where it is, and its tokens still stream
+    last = len(retiring.spec.stages) - 1
+    broker.on_stage_message(Tokens("p1", [TokenRecord(on_p1[0].request_id, 7, True, "length")],
+                                   incarnation(1, last), version=retiring.version))
+    [event] = events(take(broker))
+    assert event.finished and event.tokens == [7]
+    broker.on_client_message(CLIENT, GenerateRequest(9, SamplingParams(max_new_tokens=5), prompt_ids=[3]))
+    assert [p for p, _ in submits(take(broker))] == ["p0"], "a retiring pipeline takes no new request"
+    broker.clock.now += 21
+    broker.tick()
+    moved = submits(take(broker))
+    assert {s.generated for _, s in moved} == {0} and len(moved) == len(on_p1) - 1
+    assert all(p == "p0" for p, _ in moved) and not broker.retiring
+
+
+def test_a_refused_file_is_reported_and_changes_nothing(broker):
+    before = dict(broker.pipelines)
+    broker.refuse_file("pipelines[0].stages[0].layers: [0, 3) leaves a gap")
+    assert broker.pipelines == before and "layers" in broker.file_error
+
+
+def test_a_text_too_long_for_any_tokenization_is_refused_before_tokenizing(broker):
+    class Untouchable:
+        def __call__(self, *args, **kwargs):
+            raise AssertionError("tokenized a prompt that cannot fit")
+
+    broker.encoder = Untouchable()
+    broker.max_token_chars = 4  # no token covers more than 4 characters
+    broker.on_client_message(CLIENT, GenerateRequest(1, SamplingParams(max_new_tokens=4),
+                                                     prompt="x" * (2 * 4 * broker.max_context + 8)))
+    [error] = events(take(broker))
+    assert error.code == "prompt_too_long" and "past the model's context" in error.message

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from hexgen_zmq.client import Client
 from tests.support import hf_greedy, write_deployment
 
@@ -71,16 +73,33 @@ def test_up_serves_and_stops_cleanly_on_sigterm(tiny_model, tmp_path):
             process.kill()
 
 
-def test_up_names_a_dead_process_and_exits_nonzero(tiny_model, tmp_path):
-    config = write_deployment(tmp_path, tiny_model, [[(0, 2, 1), (2, 6, 1)]])
+def test_up_restarts_a_dead_process_and_the_deployment_serves_again(tiny_model, tmp_path):
+    config = write_deployment(tmp_path, tiny_model, [[(0, 2, 1), (2, 6, 1)]], stage_timeout_s=1.5)
     process = start_up(config)
     try:
         pids = children(process.pid)
         victim = pids[-1]  # the last stage started
         os.kill(victim, signal.SIGKILL)
-        assert process.wait(30) == 1
-        assert "p0s1:0 exited" in process.stderr.read()
-        assert not any(alive(p) for p in pids)
+
+        async def serves_again():
+            from hexgen_zmq.deployment import load_deployment
+
+            async with await Client.connect(load_deployment(config).broker.clients) as client:
+                result = await asyncio.wait_for(client.generate(prompt_ids=[2, 7, 1], max_new_tokens=8), 120)
+                status = await client.status()
+                return result, status
+
+        result, status = asyncio.run(serves_again())
+        assert result.token_ids == hf_greedy(tiny_model, [2, 7, 1], 8)
+        assert process.poll() is None, "one process dying no longer stops the deployment"
+        new_pids = children(process.pid)
+        assert victim not in new_pids and len(new_pids) == len(pids)
+        [host] = status.hosts
+        restarted = {p.name: p for p in host.processes}["p0s1:0"]
+        assert restarted.restarts == 1 and restarted.last_exit == -signal.SIGKILL and restarted.state == "running"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+        assert_gone(new_pids)
     finally:
         if process.poll() is None:
             process.kill()
@@ -112,3 +131,29 @@ def test_up_stopped_while_starting_leaves_no_process(tiny_model, tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+@pytest.mark.parametrize("per_process", [False, True])
+def test_rendered_systemd_units_verify(tiny_model, tmp_path, per_process):
+    import shutil
+
+    config = write_deployment(tmp_path, tiny_model, [[(0, 3, 1), (3, 6, 1)]])
+    out = tmp_path / "units"
+    args = [sys.executable, "-m", "hexgen_zmq.cli", "render", "systemd", str(config), "--host", "127.0.0.1",
+            "--out", str(out)] + (["--per-process"] if per_process else [])
+    result = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    units = sorted(p.name for p in out.iterdir())
+    if per_process:
+        assert units == ["hexgen-zmq-127.0.0.1-broker.service", "hexgen-zmq-127.0.0.1-p0s0-0.service",
+                         "hexgen-zmq-127.0.0.1-p0s1-0.service", "hexgen-zmq-127.0.0.1.target"]
+        assert "Restart=on-failure" in (out / units[1]).read_text()
+    else:
+        assert units == ["hexgen-zmq-127.0.0.1.service"]
+        assert f"up {config} --host 127.0.0.1" in (out / units[0]).read_text()
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    check = subprocess.run(["systemd-analyze", "verify", *(str(out / u) for u in units)], capture_output=True,
+                           text=True, timeout=60)
+    assert check.returncode == 0, check.stderr
+    assert "hexgen-zmq" not in check.stderr, check.stderr  # no warning about our units

@@ -73,6 +73,21 @@ CASES = {
                        "pipelines[1].stages[0].ranks[0]", "cuda:0"),
     "no pipelines": (lambda d: d.update(pipelines=[]), "pipelines", "at least one"),
     "negative kv budget": (lambda d: stage(d, 0, 0).update(kv_cache_tokens=-5), "pipelines[0].stages[0].kv_cache_tokens", ""),
+    "unknown host name": (lambda d: d.update(hosts=[{"name": "a", "address": "127.0.0.1"}]) or
+                          stage(d, 1, 0)["ranks"][0].update(host="b"), "pipelines[1].stages[0].ranks[0].host", "unknown host 'b'"),
+    "duplicate host": (lambda d: d.update(hosts=[{"name": "a", "address": "127.0.0.1"}, {"name": "a", "address": "127.0.0.2"}]),
+                       "hosts[1].name", "duplicate"),
+    "bad host address": (lambda d: d.update(hosts=[{"name": "a", "address": "no such/thing"}]), "hosts[0].address", ""),
+    "bad public key": (lambda d: d.update(hosts=[{"name": "a", "address": "127.0.0.1", "public_key": "short"}]),
+                       "hosts[0].public_key", "40 characters"),
+    "unknown broker host": (lambda d: d["broker"].update(host="z"), "broker.host", "unknown host 'z'"),
+    "TP across named hosts": (lambda d: d.update(hosts=[{"name": "a", "address": "127.0.0.1"}, {"name": "b", "address": "127.0.0.1"}])
+                              or [r.update(host=h) for r, h in zip(stage(d, 0, 1)["ranks"], "ab")],
+                              "pipelines[0].stages[1].ranks", "one host"),
+    "inbound not on its host": (lambda d: stage(d, 0, 0).update(inbound="tcp://10.9.9.9:7000"),
+                                "pipelines[0].stages[0].inbound", "not on host 127.0.0.1"),
+    "broker endpoint not on its host": (lambda d: d.update(hosts=[{"name": "a", "address": "10.0.0.2"}]) or
+                                        d["broker"].update(host="a"), "broker.clients", "not on host a"),
 }
 
 
@@ -142,3 +157,36 @@ def test_config_missing_fields_is_named(tmp_path, good):
     with pytest.raises(DeploymentError, match="missing intermediate_size") as err:
         load_deployment(mutate(good, lambda d: d["model"].update(path=str(model))))
     assert err.value.path == "model.path"
+
+
+def test_hosts_place_ranks_and_the_broker_by_name(good):
+    data = copy.deepcopy(good)
+    data["hosts"] = [{"name": "here", "address": "127.0.0.1", "region": "lab"}]
+    data["broker"]["host"] = "here"
+    for pipeline in data["pipelines"]:
+        for s in pipeline["stages"]:
+            for rank in s["ranks"]:
+                rank["host"] = "here"
+    deployment = load_deployment(data)
+    assert deployment.broker_host() == "here" and deployment.address_of("here") == "127.0.0.1"
+    assert deployment.canonical_host("127.0.0.1") == "here"
+    # the version of a pipeline follows what it is made of, not how its host is spelled
+    bare = load_deployment(good)
+    assert [deployment.pipeline_version(p) for p in deployment.pipelines] == \
+        [bare.pipeline_version(p) for p in bare.pipelines]
+    changed = mutate(good, lambda d: stage(d, 1, 0).update(max_batch_tokens=512))
+    versions = [load_deployment(changed).pipeline_version(p) for p in load_deployment(changed).pipelines]
+    assert versions[0] == bare.pipeline_version(bare.pipelines[0]) and versions[1] != bare.pipeline_version(bare.pipelines[1])
+
+
+def test_loopback_rendezvous_ports_may_repeat_on_different_hosts(good):
+    data = copy.deepcopy(good)
+    data["hosts"] = [{"name": "a", "address": "127.0.0.1"}, {"name": "b", "address": "10.0.0.2"}]
+    stage(data, 1, 0)["ranks"] = [{"host": "b"}]
+    stage(data, 1, 0)["inbound"] = "tcp://10.0.0.2:7000"
+    stage(data, 1, 0)["tp_init"] = stage(data, 0, 0)["tp_init"]
+    load_deployment(data)
+    stage(data, 1, 0)["ranks"] = [{"host": "a"}]
+    stage(data, 1, 0)["inbound"] = "tcp://127.0.0.1:7000"
+    with pytest.raises(DeploymentError, match="tp_init"):
+        load_deployment(data)

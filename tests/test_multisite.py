@@ -1,0 +1,217 @@
+"""Across emulated datacenters: three hosts in two regions (network namespaces, a shaped link with real
+latency between the regions), one supervisor per host (`hexgen-zmq up F --host NAME`), the broker on one
+of them and the test client outside. A pipeline crosses the regions; output equals the oracle; a killed
+stage is restarted by its supervisor; the layout is redeployed under load and back, by replacing the file;
+an invalid file is refused while the old layout serves; a whole host is lost and its requests replay.
+
+The tests of this module share one set of hosts and run in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hexgen_zmq.client import Client
+from tests.support import hf_greedy
+from tools.site_deployment import SiteDeployment, layout, serving, status
+from tools.sites import Sites, unavailable_reason
+
+LATENCY_MS = 20.0
+TOPOLOGY = {"regions": {"eu": ["a", "b"], "us": ["c"]},
+            "links": [{"a": "eu", "b": "us", "mbit": 300, "latency_ms": LATENCY_MS}]}
+pytestmark = [pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason())),
+              pytest.mark.timeout(400)]
+
+# pipelines as {id: [(host, first layer, end layer), ...]}
+FIRST = {"p0": [("a", 0, 3), ("c", 3, 6)], "p1": [("b", 0, 6)]}
+SECOND = {"p0": [("a", 0, 2), ("c", 2, 6)], "p2": [("c", 0, 6)]}  # p0 reshaped, p1 removed, p2 added
+PROMPTS = [[3, 1, 4, 1, 5], [9, 2, 6], [5, 3, 5, 8, 9, 7], [2, 7, 1, 8], [6, 6, 6], [1, 4, 1, 4, 2, 1, 3, 5]]
+
+
+class Cluster(SiteDeployment):
+    def write(self, pipelines: dict, **broker) -> Path:
+        return self.redeploy(pipelines, **broker)
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("multisite")
+    with Sites(TOPOLOGY, prefix="hxms", subnet="10.243.0.0/16") as sites:
+        cluster = Cluster(sites, tiny_model, directory, FIRST)
+        try:
+            asyncio.run(serving(cluster, set(FIRST), timeout_s=240))
+            yield cluster
+        finally:
+            cluster.stop()
+
+
+async def run_streams(address: str, n: int, max_new_tokens: int, during=None, timeout_s: float = 200):
+    """n concurrent greedy streams; `during()` runs once every stream has its first token. Returns, per
+    stream, (prompt, tokens, pipeline)."""
+    async with await Client.connect(address) as client:
+        started = asyncio.Event()
+        first_tokens = 0
+
+        async def one(i: int):
+            nonlocal first_tokens
+            prompt = PROMPTS[i % len(PROMPTS)] + [i % 50 + 1]
+            tokens = []
+            async for token in client.stream(prompt_ids=prompt, max_new_tokens=max_new_tokens):
+                if not tokens:
+                    first_tokens += 1
+                    if first_tokens == n:
+                        started.set()
+                tokens.append(token)
+            return prompt, tokens
+
+        tasks = [asyncio.create_task(one(i)) for i in range(n)]
+        if during is not None:
+            await asyncio.wait_for(started.wait(), timeout_s)
+            await during()
+        return await asyncio.wait_for(asyncio.gather(*tasks), timeout_s)
+
+
+def assert_oracle(model: str, results, max_new_tokens: int) -> None:
+    for prompt, tokens in results:
+        assert tokens == hf_greedy(model, prompt, max_new_tokens), f"prompt {prompt}"
+
+
+def process_of(reply, host: str, name: str):
+    [report] = [h for h in reply.hosts if h.host == host]
+    return {p.name: p for p in report.processes}[name]
+
+
+def test_a_pipeline_across_regions_serves_the_oracle_over_the_shaped_link(cluster):
+    before = cluster.sites.link_counters()
+
+    async def ask():
+        async with await Client.connect(cluster.address) as client:
+            return await asyncio.wait_for(asyncio.gather(
+                *(client.generate(prompt_ids=p, max_new_tokens=12) for p in PROMPTS * 2)), 120)
+
+    results = asyncio.run(ask())
+    for prompt, result in zip(PROMPTS * 2, results):
+        assert result.token_ids == hf_greedy(cluster.model, prompt, 12)
+    across = [r for r in results if r.pipeline == "p0"]
+    assert across, "the cross-region pipeline served some requests"
+    after = cluster.sites.link_counters()
+    hidden_bytes = 128 * 4  # one token's hidden state, float32
+    sent = sum(len(p) + len(r.token_ids) for p, r in zip(PROMPTS * 2, results) if r.pipeline == "p0") * hidden_bytes
+    assert after[("eu", "us")].bytes - before[("eu", "us")].bytes >= sent * 0.9, "activations crossed the link"
+    assert after[("us", "eu")].packets > before[("us", "eu")].packets  # tokens and feedback came back
+    # every token of the cross-region pipeline waits for the hop there and the feedback back
+    for result in across:
+        if len(result.token_ids) > 2:
+            assert (result.total_s - result.ttft_s) / (len(result.token_ids) - 1) >= 2 * LATENCY_MS / 1000 * 0.9
+    reply = asyncio.run(status(cluster.address))
+    assert {h.host for h in reply.hosts} == {"a", "b", "c"}
+    assert all(p.state == "running" for h in reply.hosts for p in h.processes)
+
+
+def test_a_killed_stage_is_restarted_by_its_supervisor_and_no_request_is_lost(cluster):
+    victim = process_of(asyncio.run(status(cluster.address)), "c", "p0s1:0")
+
+    async def kill():
+        os.kill(victim.pid, signal.SIGKILL)
+
+    results = run_streams_sync(cluster, 8, 16, kill)
+    assert_oracle(cluster.model, results, 16)
+
+    async def restarted():
+        deadline = time.monotonic() + 120
+        while True:
+            reply = await serving(cluster, set(FIRST), 120)
+            process = process_of(reply, "c", "p0s1:0")
+            if process.pid != victim.pid and process.state == "running":
+                return reply, process
+            assert time.monotonic() < deadline, f"not restarted: {process}"
+            await asyncio.sleep(0.25)
+
+    reply, process = asyncio.run(restarted())
+    assert process.restarts == victim.restarts + 1 and process.last_exit == -signal.SIGKILL
+    assert all(p.ready and p.healthy for p in reply.pipelines)
+
+
+def run_streams_sync(cluster: Cluster, n: int, max_new_tokens: int, during=None):
+    return asyncio.run(run_streams(cluster.address, n, max_new_tokens, during))
+
+
+def test_redeploys_under_load_lose_nothing_and_status_shows_the_new_layout(cluster):
+    timings = {}
+
+    async def redeploy_to(pipelines: dict, name: str):
+        start = time.monotonic()
+        new = cluster.write(pipelines)
+        from hexgen_zmq.deployment import file_version
+
+        await serving(cluster, set(pipelines), 240, file_version(new.read_bytes()))
+        timings[name] = time.monotonic() - start
+
+    results = run_streams_sync(cluster, 24, 24, lambda: redeploy_to(SECOND, "second"))
+    assert_oracle(cluster.model, results, 24)
+    reply = asyncio.run(status(cluster.address))
+    p0 = next(p for p in reply.pipelines if p.id == "p0")
+    assert {p.id for p in reply.pipelines} == {"p0", "p2"} and p0.stages_ready == ["p0s0", "p0s1"]
+    assert reply.redeploys >= 1 and reply.requests_failed == {}
+    names = {p.name for h in reply.hosts for p in h.processes}
+    assert "p1s0:0" not in names and {"p0s0:0", "p0s1:0", "p2s0:0"} <= names
+    results = run_streams_sync(cluster, 24, 24, lambda: redeploy_to(FIRST, "back"))
+    assert_oracle(cluster.model, results, 24)
+    reply = asyncio.run(status(cluster.address))
+    assert {p.id for p in reply.pipelines} == {"p0", "p1"} and reply.requests_failed == {}
+    print(f"\nredeploy: file swap -> new layout serving: {timings['second']:.1f} s, back: {timings['back']:.1f} s")
+
+
+def test_an_invalid_new_file_is_refused_and_the_running_layout_keeps_serving(cluster):
+    bad = cluster.dir / "bad.yaml"
+    spec = layout(cluster.sites, cluster.model, FIRST)
+    spec["pipelines"][0]["stages"][1]["layers"] = [4, 6]
+    bad.write_text(yaml.safe_dump(spec))
+    before = cluster.config.read_bytes()
+    result = subprocess.run([sys.executable, "-m", "hexgen_zmq.cli", "redeploy", str(cluster.config), str(bad)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "pipelines[0].stages[1].layers" in result.stderr
+    assert cluster.config.read_bytes() == before
+    # a configuration tool that swaps the file without checking it: every process refuses it
+    swap = cluster.dir / ".swap.yaml"
+    swap.write_bytes(bad.read_bytes())
+    os.replace(swap, cluster.config)
+    try:
+        async def refused():
+            deadline = time.monotonic() + 30
+            while True:
+                reply = await status(cluster.address)
+                if reply.file_error and all(h.file_error for h in reply.hosts):
+                    return reply
+                assert time.monotonic() < deadline, "the invalid file was not reported"
+                await asyncio.sleep(0.25)
+
+        reply = asyncio.run(refused())
+        assert "pipelines[0].stages[1].layers" in reply.file_error
+        assert all("pipelines[0].stages[1].layers" in h.file_error for h in reply.hosts)
+        assert {p.id for p in reply.pipelines if p.ready and p.healthy} == set(FIRST)
+        results = run_streams_sync(cluster, 6, 8)
+        assert_oracle(cluster.model, results, 8)
+    finally:
+        swap.write_bytes(before)
+        os.replace(swap, cluster.config)
+
+
+def test_a_lost_host_has_its_requests_replayed_elsewhere(cluster):
+    async def lose_host_c():
+        cluster.sites.kill_host("c")  # its supervisor and every process on it
+
+    results = run_streams_sync(cluster, 8, 16, lose_host_c)
+    assert_oracle(cluster.model, results, 16)
+    reply = asyncio.run(status(cluster.address))
+    p0 = next(p for p in reply.pipelines if p.id == "p0")
+    assert not p0.healthy and reply.requests_failed == {}
