@@ -29,6 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model-path", help="model.path in the deployment file (default: --model if a directory)")
     p.add_argument("--dtype", default="float16", choices=sorted(C.DTYPE_BYTES))
     p.add_argument("--max-batch", type=int, default=C.DEFAULT_MAX_BATCH, help="requests a pipeline runs at once")
+    p.add_argument("--no-batching", action="store_true",
+                   help="plan for one request at a time per pipeline (HexGen's runtime): no continuous batching")
+    p.add_argument("--runtime-requests", type=int, default=C.RUNTIME_REQUESTS,
+                   help="requests of the step-level runtime simulation in the report (0: skip it)")
     p.add_argument("--target-attainment", type=float, default=C.DEFAULT_TARGET_ATTAINMENT)
     p.add_argument("--picture", help="SVG picture of the plan to write")
     p.add_argument("--quiet", action="store_true", help="no table on the terminal")
@@ -48,13 +52,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         cluster = load_cluster(args.cluster)
         model = load_model(args.model)
-        workload = Workload(args.prompt_len, args.output_len, args.rate, args.slo, args.dtype, args.max_batch)
+        workload = Workload(args.prompt_len, args.output_len, args.rate, args.slo, args.dtype,
+                            1 if args.no_batching else args.max_batch, batching=not args.no_batching)
         if not 0 < args.target_attainment <= 1:
             raise ValueError("--target-attainment must be in (0, 1]")
     except (ClusterError, ValueError, OSError) as exc:
         print(f"hexgen-zmq plan: {exc}", file=sys.stderr)
         return 2
-    outcome = make_plan(cluster, model, workload, args.seed, args.time_budget, args.target_attainment)
+    outcome = make_plan(cluster, model, workload, args.seed, args.time_budget, args.target_attainment,
+                        runtime_requests=max(0, args.runtime_requests))
     if not outcome.pipelines:
         print("hexgen-zmq plan: no pipeline of this cluster can hold the model and meet the SLO", file=sys.stderr)
         return 1

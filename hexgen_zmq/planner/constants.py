@@ -71,6 +71,8 @@ REPORT_REQUESTS = 2000
 # How often the broker looks at its queue of requests that no pipeline's KV budget could take yet
 # (brokers/broker.py TICK_S: queued requests are dispatched on the tick, not when one finishes).
 BROKER_TICK_S = 0.05
+# Requests of the step-level runtime simulation behind the report's second set of figures (stepsim.py).
+RUNTIME_REQUESTS = 2000
 # Relative precision of the bisection for the highest sustainable rate.
 RATE_SEARCH_TOLERANCE = 0.005
 

@@ -25,7 +25,8 @@ from hexgen_zmq.planner.model import ModelSpec
 
 @dataclass(frozen=True, slots=True)
 class Workload:
-    """Requests to serve: lengths in tokens, Poisson arrival rate (1/s), latency deadline (s)."""
+    """Requests to serve: lengths in tokens, Poisson arrival rate (1/s), latency deadline (s). Without
+    `batching`, each pipeline serves one request at a time (HexGen's runtime), and max_batch must be 1."""
 
     prompt_len: int
     output_len: int
@@ -33,12 +34,15 @@ class Workload:
     slo: float
     dtype: str = "float16"
     max_batch: int = C.DEFAULT_MAX_BATCH
+    batching: bool = True
 
     def __post_init__(self) -> None:
         if self.prompt_len < 1 or self.output_len < 1:
             raise ValueError("prompt and output lengths must be at least 1 token")
         if self.rate <= 0 or self.slo <= 0 or self.max_batch < 1:
             raise ValueError("rate, slo and max_batch must be positive")
+        if not self.batching and self.max_batch != 1:
+            raise ValueError("one request at a time (no batching) plans with max_batch 1")
         if self.dtype not in C.DTYPE_BYTES:
             raise ValueError(f"dtype must be one of {', '.join(C.DTYPE_BYTES)}")
 

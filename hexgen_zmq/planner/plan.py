@@ -103,6 +103,8 @@ def pipeline_batch(cm: CostModel, pipeline: Pipeline) -> int:
     admits by KV budget), at least the planned batch, at most BATCH_CEILING."""
     slots, stages = cm.cluster.slots, pipeline.stages
     n = len(stages)
+    if not cm.workload.batching:
+        return 1
 
     def fits(b: int) -> bool:
         return all(

@@ -17,6 +17,7 @@ from hexgen_zmq.planner.genetic import GaSettings, SearchResult, genetic_search
 from hexgen_zmq.planner.model import ModelSpec
 from hexgen_zmq.planner.plan import Pipeline
 from hexgen_zmq.planner.simulate import max_rate, simulate, unit_gaps
+from hexgen_zmq.planner.stepsim import RuntimeFigures, runtime_figures
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +60,7 @@ class PlanOutcome:
     min_deadline: float
     target_attainment: float
     search: SearchResult
+    runtime: RuntimeFigures | None = None  # the same figures from the step-level model of the runtime
 
     @property
     def used_gpus(self) -> int:
@@ -116,21 +118,28 @@ def make_plan(
     time_budget: float = C.DEFAULT_TIME_BUDGET_S,
     target_attainment: float = C.DEFAULT_TARGET_ATTAINMENT,
     settings: GaSettings = GaSettings(),
+    runtime_requests: int = 0,
 ) -> PlanOutcome:
-    """Search for the best plan and measure it."""
+    """Search for the best plan and measure it (with the step-level runtime model too, on a trace of
+    `runtime_requests`; 0: not)."""
     cm = CostModel(cluster, model, workload)
     evaluator = Evaluator(cm, unit_gaps(seed))
     result = genetic_search(evaluator, seed, time_budget, settings)
-    return measure(cm, evaluator, result, seed, target_attainment)
+    return measure(cm, evaluator, result, seed, target_attainment, runtime_requests)
 
 
-def measure(cm: CostModel, evaluator: Evaluator, result: SearchResult, seed: int, target: float) -> PlanOutcome:
-    """Place the search's best plan and compute its figures on a longer trace."""
+def measure(cm: CostModel, evaluator: Evaluator, result: SearchResult, seed: int, target: float,
+            runtime_requests: int = 0) -> PlanOutcome:
+    """Place the search's best plan and compute its figures on a longer trace (the fluid model's, and with
+    `runtime_requests` the step simulator's)."""
     w = cm.workload
     pipelines = result.best.pipelines
     timings = [evaluator.timing(p) for p in pipelines]
     gaps = unit_gaps(seed + 1, C.REPORT_REQUESTS)
     at_rate = simulate(timings, w.output_len, gaps, w.rate, w.slo)
+    runtime = None
+    if runtime_requests and pipelines:
+        runtime = runtime_figures(cm, pipelines, unit_gaps(seed + 2, runtime_requests), target)
     return PlanOutcome(
         cluster=cm.cluster,
         model=cm.model,
@@ -141,4 +150,5 @@ def measure(cm: CostModel, evaluator: Evaluator, result: SearchResult, seed: int
         min_deadline=at_rate.quantile(target),
         target_attainment=target,
         search=result,
+        runtime=runtime,
     )

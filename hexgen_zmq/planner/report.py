@@ -24,6 +24,7 @@ def report_dict(outcome: PlanOutcome) -> dict[str, Any]:
             "slo_s": w.slo,
             "dtype": w.dtype,
             "max_batch": w.max_batch,
+            "batching": w.batching,
         },
         "objective": {
             "slo_attainment": outcome.attainment,
@@ -31,6 +32,16 @@ def report_dict(outcome: PlanOutcome) -> dict[str, Any]:
             "max_rate_at_target": outcome.max_rate,
             "min_deadline_at_rate_s": outcome.min_deadline,
             "capacity_rps": sum(p.capacity for p in outcome.pipelines),
+        },
+        # The same figures from the step-level model of the runtime (broker dispatch and tick, scheduler,
+        # micro-batches, per-step stage times; planner/stepsim.py), on a shorter trace.
+        "runtime_model": None if outcome.runtime is None else {
+            "slo_attainment": outcome.runtime.attainment,
+            "max_rate_at_target": outcome.runtime.max_rate,
+            "min_deadline_at_rate_s": outcome.runtime.min_deadline,
+            "mean_ttft_s": outcome.runtime.mean_ttft,
+            "mean_tpot_s": outcome.runtime.mean_tpot,
+            "requests": outcome.runtime.requests,
         },
         "search": {
             "seconds": s.elapsed,
@@ -108,5 +119,11 @@ def print_report(outcome: PlanOutcome, console: Console | None = None) -> None:
         f"{outcome.used_gpus} of {outcome.cluster.total_gpus} GPUs in {len(outcome.pipelines)} pipelines; "
         f"search {s.elapsed:.1f} s, {s.evaluations} plans, {s.generations} generations, stopped by {s.stop_reason}."
     )
+    if (r := outcome.runtime) is not None:
+        console.print(
+            f"Step-level runtime model ({r.requests} requests): attainment {r.attainment:.1%} at {w.rate:g} req/s, "
+            f"{target} up to {r.max_rate:.2f} req/s, lowest deadline {r.min_deadline:.2f} s; mean TTFT "
+            f"{r.mean_ttft:.3f} s, time per output token {r.mean_tpot * 1000:.1f} ms."
+        )
     for a, b in outcome.cluster.assumed_links:
         console.print(f"[yellow]no link given between {a} and {b}: assumed the default WAN link[/yellow]")

@@ -340,7 +340,8 @@ def pipe_model(cm, pipeline, batching: bool = True, broker_host: int = 0) -> Pip
     shape (memoised), hops and the token loop over the cluster's links, the KV budget from each stage's
     memory left after its weights and workspace, micro-batches as the runtime's default (one per stage on
     GPUs, one per host on CPUs), the broker on the cluster's first host (as `emit` places it). Without
-    `batching`, one request at a time (HexGen's runtime)."""
+    `batching`, one request at a time (HexGen's runtime), by a KV budget of one request: requests then wait
+    in the broker's queue and go to the first pipeline that frees (the fastest by pace among those free)."""
     w, slots, stages = cm.workload, cm.cluster.slots, pipeline.stages
     s = len(stages)
     hosts = [slots[st.slot].host for st in stages]
@@ -360,6 +361,8 @@ def pipe_model(cm, pipeline, batching: bool = True, broker_host: int = 0) -> Pip
         return cm.loopback(hosts[-1], hosts[0], tokens, s)
 
     capacity = min(kv_budget_blocks(cm, st, i == 0, i == s - 1) for i, st in enumerate(stages))
+    if not batching:  # a KV budget of one request (kv_cache_tokens in the deployment file): the broker holds
+        capacity = min(capacity, blocks_for(w.prompt_len + w.output_len))  # the queue, pipelines take one each
     gpu_stages = any(slots[st.slot].gpu.kind != "cpu" for st in stages)
     link = cm.cluster.link
     return PipeModel(
@@ -380,3 +383,70 @@ def kv_budget_blocks(cm, st, first: bool, last: bool) -> int:
     free = cm.usable_bytes(gpu) - cm.fixed_bytes(st.tp, first, last) - weights
     per_token = st.layers * m.kv_elements_per_token_layer(st.tp) * w.dtype_bytes
     return max(0, int(free // per_token) // BLOCK_SIZE) if per_token else 1 << 30
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeFigures:
+    """A plan's figures under the step-level model of the runtime (at the workload's rate, unless noted)."""
+
+    attainment: float
+    max_rate: float  # highest rate keeping the target attainment
+    min_deadline: float  # lowest deadline the target share meets
+    mean_ttft: float
+    mean_tpot: float
+    requests: int  # simulated per run
+
+
+def trace(gaps: list[float], rate: float, prompt_len: int, output_len: int) -> list[tuple[float, int, int]]:
+    """Requests of one length at `rate`, from unit-rate Poisson gaps (the same trace scaled, as simulate.py)."""
+    out, now = [], 0.0
+    for gap in gaps:
+        now += gap / rate
+        out.append((now, prompt_len, output_len))
+    return out
+
+
+def saturated_rate(models: list[PipeModel], prompt_len: int, output_len: int, floor: int = 400) -> float:
+    """Requests per second the pipelines complete when work never runs out: a burst of requests at time 0,
+    several times what their KV budgets hold at once, timed over the middle half of the completions. No
+    rate above it is sustainable, however well a short trace fares (a burst that fits in the KV budgets
+    finishes within one long batch)."""
+    per_request = blocks_for(prompt_len + output_len)
+    at_once = sum(min(m.capacity_blocks // per_request, m.max_running or 1 << 30) for m in models)
+    n = max(floor, 3 * at_once)
+    r = simulate_steps(models, [(0.0, prompt_len, output_len)] * n, tick_s=0)
+    done = sorted(x for x in r.latencies if x < math.inf)
+    if len(done) < 4:
+        return 0.0
+    a, b = len(done) // 4, 3 * len(done) // 4
+    return (b - a) / max(done[b] - done[a], 1e-12)
+
+
+def runtime_figures(cm, pipelines, gaps: list[float], target: float, tolerance: float = 0.02) -> RuntimeFigures:
+    """Attainment, TTFT and time per output token at the workload's rate, the lowest deadline met by
+    `target`, and the highest rate keeping `target` (bisection to `tolerance` below the saturated rate),
+    all from the step simulator."""
+    w = cm.workload
+    models = [pipe_model(cm, p, w.batching) for p in pipelines]
+
+    def run(rate: float) -> StepSimResult:
+        return simulate_steps(models, trace(gaps, rate, w.prompt_len, w.output_len))
+
+    at = run(w.rate)
+    served = [i for i, x in enumerate(at.latencies) if x < math.inf]
+
+    def ok(rate: float) -> bool:
+        return run(rate).attainment(w.slo) >= target
+
+    best = 0.0
+    hi = saturated_rate(models, w.prompt_len, w.output_len) if models else 0.0
+    if hi > 0 and ok(hi):
+        best = hi
+    elif hi > 0 and ok(lo := hi / 1024):
+        while hi - lo > tolerance * lo:
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+        best = lo
+    mean = (lambda xs: sum(xs) / len(xs) if xs else math.inf)
+    return RuntimeFigures(at.attainment(w.slo), best, at.quantile(target), mean([at.ttft[i] for i in served]),
+                          mean([at.tpot[i] for i in served]), len(gaps))

@@ -16,7 +16,7 @@ def _plan(tmp_path, cluster="cluster-hexgen-half.yaml", *extra):
     out, report, svg = tmp_path / "deploy.yaml", tmp_path / "report.json", tmp_path / "plan.svg"
     argv = ["plan", "--cluster", str(CONFIGS / cluster), "--model", "llama-2-70b", "--prompt-len", "512",
             "--output-len", "64", "--rate", "1.5", "--slo", "15", "--out", str(out), "--report", str(report),
-            "--seed", "3", "--time-budget", "5", "--picture", str(svg), "--quiet", *extra]
+            "--seed", "3", "--time-budget", "5", "--picture", str(svg), "--quiet", "--runtime-requests", "200", *extra]
     return main(argv), out, report, svg
 
 
@@ -41,16 +41,25 @@ def test_plan_writes_deployment_report_and_picture(tmp_path):
     stage = rep["pipelines"][0]["stages"][0]
     assert {"gpu", "tp", "layers", "memory_gib", "devices", "host"} <= stage.keys()
     assert rep["search"]["seconds"] <= 5 + 2
+    runtime = rep["runtime_model"]  # the step-level model's figures beside the fluid model's
+    assert runtime["requests"] == 200 and runtime["max_rate_at_target"] > 0 and runtime["mean_tpot_s"] > 0
     assert ET.parse(svg).getroot().tag.endswith("svg")
 
 
 def test_deployment_passes_the_runtime_loader(tmp_path):
     deployment = pytest.importorskip("hexgen_zmq.deployment")
     for cluster in ("cluster-hexgen-full.yaml", "cluster-hexgen-half.yaml", "cluster-a100-baseline.yaml"):
-        rc, out, _, _ = _plan(tmp_path, cluster)
+        rc, out, _, _ = _plan(tmp_path, cluster, "--runtime-requests", "0")
         assert rc == 0
         loaded = deployment.load_deployment(out, check_checkpoint=False)
         assert loaded.pipelines
+
+
+def test_no_batching_plans_one_request_per_pipeline(tmp_path):
+    rc, _, report, _ = _plan(tmp_path, "cluster-a100-baseline.yaml", "--no-batching")
+    rep = json.loads(report.read_text())
+    assert rc == 0 and rep["workload"]["batching"] is False and rep["workload"]["max_batch"] == 1
+    assert all(p["batch"] == 1 for p in rep["pipelines"])
 
 
 def test_invalid_cluster_is_a_field_path_error(tmp_path, capsys):

@@ -101,3 +101,42 @@ def test_dispatch_equals_the_brokers_policy_on_a_recorded_trace():
         fits = [p for p in real if p.reserved_blocks + blocks <= p.capacity_blocks]  # BrokerState.dispatch's filter
         expected = real.index(min(fits, key=broker_state.BrokerState.dispatch_order(fits))) if fits else None
         assert chosen == expected
+
+
+def test_the_step_model_of_a_planned_pipeline_matches_the_fluid_timing_for_a_lone_request(mixed_cm):
+    from hexgen_zmq.planner.plan import Pipeline, Stage, pipeline_timing
+    from hexgen_zmq.planner.stepsim import pipe_model
+
+    cm, slots = mixed_cm, mixed_cm.cluster.slots
+    pipeline = Pipeline((Stage(0, 1, 0, 3), Stage(2, 2, 3, 6), Stage(3, 1, 6, 8)), 0.0)  # three hosts, two regions
+    timing = pipeline_timing(cm, pipeline)
+    first, last = slots[pipeline.stages[0].slot].host, slots[pipeline.stages[-1].slot].host
+    model = pipe_model(cm, pipeline, broker_host=first)
+    w = cm.workload
+    r = simulate_steps([model], [(0.0, w.prompt_len, w.output_len)], tick_s=0)
+    to_broker = cm.cluster.link(last, first).transfer(8) if last != first else 0.0
+    assert r.ttft[0] == pytest.approx(timing.prefill_latency + to_broker, rel=1e-9)
+    assert r.tpot[0] == pytest.approx(timing.step_times[1], rel=1e-9)
+    assert model.capacity_blocks > 0
+
+
+def test_one_request_at_a_time_mode(mixed_cm):
+    from hexgen_zmq.planner.costmodel import CostModel, Workload
+    from hexgen_zmq.planner.dp import best_pipeline
+    from hexgen_zmq.planner.plan import make_group, pipeline_batch
+    from hexgen_zmq.planner.stepsim import pipe_model
+
+    with pytest.raises(ValueError, match="max_batch 1"):
+        Workload(128, 16, 1.0, 1.0, max_batch=4, batching=False)
+    cm = CostModel(mixed_cm.cluster, mixed_cm.model, Workload(128, 16, 1.0, 1.0, max_batch=1, batching=False))
+    pipeline = best_pipeline(cm, make_group({s.index: s.count for s in cm.cluster.slots}))
+    assert pipeline_batch(cm, pipeline) == 1 and pipe_model(cm, pipeline, batching=False).max_running == 1
+
+
+def test_the_saturated_rate_bounds_what_a_burst_would_suggest():
+    from hexgen_zmq.planner.stepsim import saturated_rate
+
+    # Ten requests' KV at once, a step of 10 ms whatever it carries, ten tokens each: about 100 requests/s.
+    model = fixed(0.01, capacity_blocks=10 * blocks_for(32 + 10))
+    assert saturated_rate([model], 32, 10) == pytest.approx(100, rel=0.15)
+    assert saturated_rate([model, model], 32, 10) == pytest.approx(200, rel=0.15)
