@@ -25,6 +25,7 @@ from hexgen_zmq.aio import run_until_first_failure
 from hexgen_zmq.broker_state import BrokerState, PipelineState, ToClient
 from hexgen_zmq.deployment import Deployment, DeploymentError, file_version, load_deployment_text
 from hexgen_zmq.messages import BrokerReady, GenerateRequest, WireError, decode_control, encode_control
+from hexgen_zmq.security import BROKER_CLIENTS, BROKER_RESULTS, ProcessSecurity, SecurityError
 from hexgen_zmq.sockets import CONTROL_MAX_BYTES, make_socket, send_now
 
 log = logging.getLogger("broker")
@@ -35,17 +36,19 @@ BACKLOG_LIMIT = 10_000  # events held for a client that cannot take them now, be
 
 class Broker(BrokerState):
     def __init__(self, deployment: Deployment, notify: str | None = None, config: str | Path | None = None,
-                 text: bytes = b""):
+                 text: bytes = b"", keys: str | None = None):
         super().__init__(deployment, deployment.model_info())
+        self.security = ProcessSecurity(deployment, deployment.broker_host(), keys)
         self.config_path = Path(config) if config else None  # watched: a new version is adopted (redeploy)
         self.file_version = file_version(text) if text else ""
         self.refused_version = ""
         self.ctx = zmq.asyncio.Context()
+        self.security.start(self.ctx)
         self.clients = make_socket(self.ctx, zmq.ROUTER, bind=self.config.clients, hwm=10000,
-                                   max_bytes=CONTROL_MAX_BYTES)
+                                   max_bytes=CONTROL_MAX_BYTES, security=self.security, domain=BROKER_CLIENTS)
         self.clients.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an event for a client not connected now is held, not lost
         self.results = make_socket(self.ctx, zmq.PULL, bind=self.config.results, hwm=10000,
-                                   max_bytes=CONTROL_MAX_BYTES)
+                                   max_bytes=CONTROL_MAX_BYTES, security=self.security, domain=BROKER_RESULTS)
         self.sockets: dict[str, zmq.asyncio.Socket] = {}  # to each pipeline's first stage, by its key
         self.sync_routes({})
         self.notify = make_socket(self.ctx, zmq.PUSH, connect=notify, max_bytes=CONTROL_MAX_BYTES) if notify else None
@@ -93,7 +96,8 @@ class Broker(BrokerState):
             self.sockets.pop(key).close(linger=500)  # its last Cancels still go out
         for key, endpoint in routes.items():
             if key not in self.sockets:
-                self.sockets[key] = make_socket(self.ctx, zmq.PUSH, connect=endpoint, max_bytes=CONTROL_MAX_BYTES)
+                self.sockets[key] = make_socket(self.ctx, zmq.PUSH, connect=endpoint, max_bytes=CONTROL_MAX_BYTES,
+                                                security=self.security)
 
     def check_file(self) -> None:
         """Adopt a new version of the deployment file, or refuse an invalid one (logged, and in `status`):
@@ -114,7 +118,11 @@ class Broker(BrokerState):
         if (deployment.broker.clients, deployment.broker.results) != (self.config.clients, self.config.results):
             log.warning("the new deployment file moves the broker; this one serves until its supervisor replaces it")
         log.info("adopting deployment file version %s", version)
+        self.security.update(deployment)  # its keys count for new connections from now on
         self.sync_routes(self.redeploy(deployment, version))
+
+    def rejected_peers(self) -> dict[str, int]:
+        return self.security.rejections()
 
     async def watch_loop(self) -> None:
         while True:
@@ -169,7 +177,9 @@ class Broker(BrokerState):
         while True:
             frames = await self.clients.recv_multipart(copy=False)
             try:
-                self.on_client_message(frames[0].bytes, decode_control(frames[1:]))
+                message = decode_control(frames[1:])
+                if self.security.admits(BROKER_CLIENTS, frames[-1], type(message).__name__):
+                    self.on_client_message(frames[0].bytes, message)
             except WireError as exc:
                 self.reject(str(exc))
             except Exception:
@@ -181,7 +191,10 @@ class Broker(BrokerState):
         while True:
             frames = await self.results.recv_multipart(copy=False)
             try:
-                self.on_stage_message(decode_control(frames))
+                message = decode_control(frames)
+                if self.security.admits(BROKER_RESULTS, frames[0], type(message).__name__) and \
+                        self.security.sent_by_its_host(frames[0], message):
+                    self.on_stage_message(message)
             except WireError as exc:
                 self.reject(str(exc))
             except Exception:
@@ -216,23 +229,24 @@ class Broker(BrokerState):
             await run_until_first_failure(*loops)
         finally:
             self.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+            self.security.stop()
             self.ctx.destroy(linger=200)
 
 
-def run_broker(config: str, notify: str | None = None) -> int:
+def run_broker(config: str, notify: str | None = None, keys: str | None = None) -> int:
     """Entry of the broker process."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [broker] %(levelname)s %(message)s")
     import uvloop
 
     try:
         text = Path(config).read_bytes()
-        uvloop.run(Broker(load_deployment_text(text, Path(config)), notify, config, text).run())
+        uvloop.run(Broker(load_deployment_text(text, Path(config)), notify, config, text, keys).run())
     except OSError as exc:
         log.error("cannot read %s: %s", config, exc.strerror)
         return 1
     except KeyboardInterrupt:
         pass
-    except DeploymentError as exc:
+    except (DeploymentError, SecurityError) as exc:
         log.error("cannot start: %s", exc)
         return 1
     return 0

@@ -59,6 +59,7 @@ class PipelineState:
     kv_blocks_total: dict[str, int] = field(default_factory=dict)
     bad_messages: dict[str, int] = field(default_factory=dict)
     counters: dict[str, StageCounters] = field(default_factory=dict)  # per stage, from its heartbeats
+    rejected_peers: dict[str, dict[str, int]] = field(default_factory=dict)  # per stage: refused peers
     long_step_seen: float = 0.0  # when a stage last reported a step that had run LONG_STEP_S, not yet stuck
     pace_s: float | None = None  # seconds between two tokens of one request here (moving average)
     pace_load: float = 1.0  # requests in flight while that pace was seen (same average)
@@ -538,12 +539,19 @@ class BrokerState:
         pipelines = [PipelineStatus(p.spec.id, p.ready, p.healthy, len(p.in_flight), sorted(p.last_seen),
                                     dict(p.cached_requests), dict(p.kv_blocks_used), dict(p.kv_blocks_total),
                                     dict(p.bad_messages), p.failure, dict(p.incarnations), len(p.dead),
-                                    dict(p.counters), p.version, p.retiring)
+                                    dict(p.counters), p.version, p.retiring,
+                                    {f"{stage}: {peer}": n for stage, peers in p.rejected_peers.items()
+                                     for peer, n in peers.items()})
                      for p in self.every_pipeline()]
         hosts = [report for _, report in sorted(self.hosts.items())]
         self.to_client(client, StatusReply(pipelines, len(self.queue), message.nonce, self.bad_messages,
                                            dict(self.failed_by_code), self.epoch, self.replayed, self.attempts,
-                                           self.gave_up, hosts, self.file_version, self.file_error, self.redeploys))
+                                           self.gave_up, hosts, self.file_version, self.file_error, self.redeploys,
+                                           self.rejected_peers()))
+
+    def rejected_peers(self) -> dict[str, int]:
+        """Handshakes and messages this broker refused, by peer and reason (the process's security knows)."""
+        return {}
 
     def on_host_report(self, message: HostReport) -> None:
         """A supervisor's news of its host's processes, kept for `status` (hosts unheard of for long drop out)."""
@@ -652,6 +660,7 @@ class BrokerState:
         state.kv_blocks_total[message.stage_id] = message.kv_blocks_total
         state.bad_messages[message.stage_id] = message.bad_messages
         state.counters[message.stage_id] = message.counters
+        state.rejected_peers[message.stage_id] = dict(message.rejected_peers)
         if LONG_STEP_S <= message.step_running_s < self.config.progress_timeout_s:
             state.long_step_seen = self.clock()  # a big prefill, say: the pipeline is working
         self._seen(state, message.stage_id, message.kv_capacity_tokens)

@@ -31,6 +31,7 @@ import zmq.asyncio
 from hexgen_zmq.messages import (CancelRequest, ChatMessage, ErrorEvent, GenerateRequest, Ping, Pong, SamplingParams,
                                  StatusReply, StatusRequest, TokenEvent, TokenEvents, WireError, decode_control,
                                  encode_control, TokenLogprob)
+from hexgen_zmq.security import HANDSHAKE_FAILURES, ClientCurve
 from hexgen_zmq.sockets import CONTROL_MAX_BYTES, make_socket, send_now
 
 PING_S = 0.5  # well inside the broker's client_timeout_s
@@ -134,15 +135,26 @@ def _request(client_request_id: int, prompt_ids, prompt, messages, max_new_token
 
 
 class Client:
-    def __init__(self, address: str, silence_s: float = SILENCE_S):
+    def __init__(self, address: str, silence_s: float = SILENCE_S, keys: str | None = None,
+                 server_key: str | None = None):
         self.address = address
         self.silence_s = silence_s  # how long past a request's deadline to wait for a broker that went quiet
         # One context for every client of the process, never terminated: a client dropped without close()
         # has its socket closed by the garbage collector (bounded by LINGER), where terminating a context of
         # its own could block that collection, wherever it happens, for good.
         self.ctx = zmq.asyncio.Context.instance()
+        curve = None
+        if keys is not None or server_key is not None:
+            if keys is None or server_key is None:
+                raise GenerationError("invalid_request", "CURVE needs both keys= (the client's secret key file) "
+                                                         "and server_key= (the broker host's public key)")
+            curve = ClientCurve(keys, server_key)
         self.socket = make_socket(self.ctx, zmq.DEALER, connect=address, hwm=10000, max_bytes=CONTROL_MAX_BYTES,
-                                  identity=os.urandom(8))
+                                  identity=os.urandom(8), security=curve)
+        # ZeroMQ retries a refused handshake silently; the socket's events tell why, so requests fail with a
+        # clear error instead of timing out.
+        self._monitor = self.socket.get_monitor_socket(sum(HANDSHAKE_FAILURES))
+        self._auth_error: str | None = None
         self._ids = itertools.count(1)
         self._open: dict[int, _Open] = {}
         self._status: dict[int, asyncio.Future] = {}  # by nonce: concurrent status() calls each get theirs
@@ -151,13 +163,33 @@ class Client:
         self._tasks: list[asyncio.Task] = []
 
     @classmethod
-    def connect(cls, address: str, silence_s: float = SILENCE_S) -> _Connecting:
-        """`client = await Client.connect(addr)`, or `async with Client.connect(addr) as client:`."""
-        return _Connecting(cls, address, silence_s)
+    def connect(cls, address: str, silence_s: float = SILENCE_S, keys: str | None = None,
+                server_key: str | None = None) -> _Connecting:
+        """`client = await Client.connect(addr)`, or `async with Client.connect(addr) as client:`. For a
+        broker off loopback with CURVE: `keys` is this client's secret key file (`hexgen-zmq keys`), and
+        `server_key` the public key of the broker's host."""
+        return _Connecting(cls, address, silence_s, keys, server_key)
 
     def _start(self) -> Client:
-        self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._ping())]
+        self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._ping()),
+                       asyncio.create_task(self._watch_handshakes())]
         return self
+
+    async def _watch_handshakes(self) -> None:
+        from zmq.utils.monitor import parse_monitor_message
+
+        while True:
+            event = parse_monitor_message(await self._monitor.recv_multipart())
+            why = HANDSHAKE_FAILURES.get(event["event"])
+            if why is None or self._auth_error is not None:
+                continue
+            self._auth_error = (f"CURVE authentication with the broker at {self.address} failed: {why} "
+                                f"(code {event['value']})")
+            for client_request_id, entry in list(self._open.items()):
+                entry.deliver(ErrorEvent(client_request_id, "unauthenticated", self._auth_error))
+            for waiter in self._status.values():
+                if not waiter.done():
+                    waiter.set_exception(GenerationError("unauthenticated", self._auth_error))
 
     async def __aenter__(self) -> Client:
         return self
@@ -171,9 +203,13 @@ class Client:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.socket.disable_monitor()
+        self._monitor.close(linger=0)
         self.socket.close(linger=200)
 
     async def _send(self, message) -> None:
+        if self._auth_error is not None:
+            raise GenerationError("unauthenticated", self._auth_error)
         frames = encode_control(message)
         if len(frames[0]) > CONTROL_MAX_BYTES:  # the broker would drop it and the connection with it
             raise GenerationError("invalid_request", f"request of {len(frames[0])} bytes exceeds the "
@@ -360,12 +396,14 @@ class Client:
 class _Connecting:
     """What `Client.connect` returns: awaitable, and usable directly as an async context manager."""
 
-    def __init__(self, cls: type[Client], address: str, silence_s: float):
+    def __init__(self, cls: type[Client], address: str, silence_s: float, keys: str | None = None,
+                 server_key: str | None = None):
         self._cls, self._address, self._silence_s = cls, address, silence_s
+        self._keys, self._server_key = keys, server_key
         self._client: Client | None = None
 
     async def _open(self) -> Client:
-        return self._cls(self._address, self._silence_s)._start()
+        return self._cls(self._address, self._silence_s, self._keys, self._server_key)._start()
 
     def __await__(self):
         return self._open().__await__()
@@ -381,15 +419,15 @@ class _Connecting:
 class SyncClient:
     """A blocking wrapper for scripts: runs a Client on an event loop in a background thread."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, keys: str | None = None, server_key: str | None = None):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="hexgen-client")
         self._thread.start()
-        self._client: Client = self._call(self._connect(address))
+        self._client: Client = self._call(self._connect(address, keys, server_key))
 
     @staticmethod
-    async def _connect(address: str) -> Client:
-        return await Client.connect(address)
+    async def _connect(address: str, keys: str | None, server_key: str | None) -> Client:
+        return await Client.connect(address, keys=keys, server_key=server_key)
 
     def _call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()

@@ -18,18 +18,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rank", type=int, default=0, help="TP rank within the stage (0 is the leader)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--notify", default=None, help="endpoint to report ready to (used by `up`)")
+    p.add_argument("--keys", default=None, help=KEYS_HELP)
     p.set_defaults(func=cmd_stage)
 
     p = subparsers.add_parser("broker", help="run the broker")
     p.add_argument("--config", required=True)
     p.add_argument("--notify", default=None)
+    p.add_argument("--keys", default=None, help=KEYS_HELP)
     p.set_defaults(func=cmd_broker)
+
+    p = subparsers.add_parser("keys", help="write a CurveZMQ key pair: DIR/NAME.key (public) and "
+                                           "DIR/NAME.key_secret (owner-only)")
+    p.add_argument("name", help="a host name from the deployment file's hosts:, or a client's name")
+    p.add_argument("--out", required=True, help="folder to write the two certificate files into")
+    p.set_defaults(func=cmd_keys)
 
     p = subparsers.add_parser("up", help="supervise the processes of a deployment: every one on this machine, "
                                          "or those placed on one host (--host)")
     p.add_argument("config", help="deployment file (watched: a new version is applied, see `redeploy`)")
     p.add_argument("--host", default=None, help="run only the processes placed on this host (a name from "
                                                 "`hosts:`, or the address its ranks give)")
+    p.add_argument("--keys", default=None, help=KEYS_HELP + "; passed on to every process")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per rank (default: cores / ranks on this host)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every process to be ready")
@@ -69,10 +78,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--chat", help="a user message, wrapped in the checkpoint's chat template")
     group.add_argument("--prompt-ids", help="comma-separated token ids")
     add_sampling_args(p)
+    add_client_keys(p)
     p.set_defaults(func=cmd_generate)
 
     p = subparsers.add_parser("status", help="show the broker's pipelines")
     p.add_argument("--config", required=True)
+    add_client_keys(p)
     p.set_defaults(func=cmd_status)
 
     p = subparsers.add_parser("make-tiny-model", help="write a small random Llama checkpoint with a tokenizer")
@@ -81,6 +92,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_tiny_model)
+
+
+KEYS_HELP = "folder with this host's HOST.key_secret (CURVE, for deployments off loopback)"
+CLIENT_KEYS_HELP = "this client's secret key file, or a folder holding one *.key_secret (CURVE)"
+
+
+def add_client_keys(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keys", default=None, help=CLIENT_KEYS_HELP)
+
+
+def client_credentials(deployment, keys: str | None) -> dict:
+    """Client.connect's keys= and server_key= for a CLI client: its secret key file (given, or the one in a
+    folder) and the public key the deployment file lists for the broker's host."""
+    if keys is None:
+        return {}
+    from hexgen_zmq.security import SecurityError, host_key
+
+    path = Path(keys)
+    if path.is_dir():
+        found = sorted(path.glob("*.key_secret"))
+        if len(found) != 1:
+            raise SecurityError(f"{path} holds {len(found)} secret keys: give the file itself")
+        path = found[0]
+    server_key = host_key(deployment, deployment.broker_host())
+    if server_key is None:
+        raise SecurityError(f"the deployment file lists no public_key for the broker's host {deployment.broker_host()}")
+    return {"keys": str(path), "server_key": server_key}
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from hexgen_zmq.security import write_keys
+
+    public, secret = write_keys(args.name, Path(args.out))
+    key = public.read_text().split('public-key = "')[1].split('"')[0]
+    print(f"wrote {public} and {secret} (owner-only); public key: {key}")
+    return 0
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -99,6 +146,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", default=None, help="the model id to report (default: the checkpoint's directory)")
     p.add_argument("--default-chat-tokens", type=int, default=256, help="max_tokens of a chat request that gives none")
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    if not any(a.dest == "keys" for a in p._actions):  # `up` has its host's --keys; serve a client's
+        add_client_keys(p)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -118,13 +167,13 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 def cmd_stage(args: argparse.Namespace) -> int:
     from hexgen_zmq.stage import run_stage
 
-    return run_stage(args.config, args.stage, args.rank, args.notify, args.threads)
+    return run_stage(args.config, args.stage, args.rank, args.notify, args.threads, args.keys)
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
     from brokers.broker import run_broker
 
-    return run_broker(args.config, args.notify)
+    return run_broker(args.config, args.notify, args.keys)
 
 
 def stop_on_signals() -> list[bool]:
@@ -240,14 +289,15 @@ def start_gateway(args: argparse.Namespace, config: str | Path, log_dir: str | P
 def cmd_up(args: argparse.Namespace) -> int:
     from hexgen_zmq.deployment import DeploymentError
     from hexgen_zmq.launcher import LaunchError
+    from hexgen_zmq.security import SecurityError
     from hexgen_zmq.supervisor import Supervisor
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [supervisor] %(levelname)s %(message)s")
     # Ctrl-C or SIGTERM while starting: the start-up wait notices and stops what it started.
     stopping = stop_on_signals()
     try:
-        supervisor = Supervisor(args.config, args.host, log_dir=args.log_dir, threads=args.threads)
-    except (DeploymentError, LaunchError) as exc:
+        supervisor = Supervisor(args.config, args.host, log_dir=args.log_dir, threads=args.threads, keys=args.keys)
+    except (DeploymentError, LaunchError, SecurityError) as exc:
         print(f"hexgen-zmq: {exc}", file=sys.stderr)
         return 1
     deployment = supervisor.deployment
@@ -340,13 +390,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         request["prompt_ids"] = [int(t) for t in args.prompt_ids.split(",")]
     try:
-        return asyncio.run(print_stream(deployment.broker.clients, request, deployment.model.path))
+        return asyncio.run(print_stream(deployment.broker.clients, request, deployment.model.path,
+                                        client_credentials(deployment, args.keys)))
     except GenerationError as exc:
         print(f"\nhexgen-zmq: {exc}", file=sys.stderr)
         return 1
 
 
-async def print_stream(address: str, request: dict, model_path: str) -> int:
+async def print_stream(address: str, request: dict, model_path: str, credentials: dict | None = None) -> int:
     """Stream the answer as text (decoded incrementally with the checkpoint's tokenizer) and print timings."""
     from hexgen_zmq.client import Client
 
@@ -359,7 +410,7 @@ async def print_stream(address: str, request: dict, model_path: str) -> int:
     ttft = None
     tokens: list[int] = []
     shown = ""
-    async with await Client.connect(address) as client:
+    async with await Client.connect(address, **(credentials or {})) as client:
         async for token in client.stream(**request):
             ttft = ttft if ttft is not None else time.perf_counter() - start
             tokens.append(token)
@@ -382,7 +433,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from hexgen_zmq.deployment import load_deployment
 
     deployment = load_deployment(args.config, check_checkpoint=False)
-    with SyncClient(deployment.broker.clients) as client:
+    with SyncClient(deployment.broker.clients, **client_credentials(deployment, args.keys)) as client:
         reply = client.status()
     for p in reply.pipelines:
         cached = ", ".join(f"{stage}:{n}" for stage, n in sorted(p.cached_requests.items()))

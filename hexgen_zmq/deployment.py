@@ -22,6 +22,7 @@ from hexgen_zmq.model_info import CheckpointError, ModelInfo, read_model_info
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 ENDPOINT = re.compile(r"^tcp://(?P<host>[A-Za-z0-9_.\-]+|\[[0-9a-fA-F:]+\]):(?P<port>\d{1,5})$")
 DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+Z85_KEY = re.compile(r"[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
 HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.\-]{0,252})$")
 
 
@@ -50,6 +51,14 @@ class HostSpec(Struct, frozen=True):
     address: str
     public_key: str | None = None  # its CurveZMQ public key (z85), for encrypted links between hosts
     region: str | None = None  # informational (what the planner placed it in)
+
+
+class SecuritySpec(Struct, frozen=True):
+    """CurveZMQ between hosts: `curve` encrypts and authenticates every socket bound off loopback."""
+
+    mode: Literal["curve", "insecure"] = "curve"
+    client_keys: list[str] = []  # z85 public keys admitted on the broker's client socket
+    client_keys_file: str | None = None  # or one key per line in this file (relative to the deployment file)
 
 
 class BrokerSpec(Struct, frozen=True):
@@ -114,6 +123,8 @@ class Deployment(Struct, frozen=True):
     broker: BrokerSpec
     pipelines: list[PipelineSpec]
     hosts: list[HostSpec] = []
+    # "insecure" (or mode: insecure) to run in the clear off loopback; None: loopback only, or refused
+    security: SecuritySpec | Literal["insecure"] | None = None
 
     def host_named(self, name: str) -> HostSpec | None:
         return next((h for h in self.hosts if h.name == name), None)
@@ -140,14 +151,18 @@ class Deployment(Struct, frozen=True):
 
     def pipeline_version(self, pipeline: PipelineSpec) -> str:
         """What a pipeline's processes are made of, as a short digest: the model, the broker endpoint they
-        report to, and the pipeline with its hosts' addresses. A redeploy keeps a pipeline whose version is
+        report to, the pipeline with its hosts' addresses, and those hosts' keys. A redeploy keeps a pipeline whose version is
         unchanged and replaces one whose version differs; stages and the broker compare it on every message
         between them, so messages of another version are ignored."""
         resolved = msgspec.structs.replace(pipeline, stages=[
             msgspec.structs.replace(stage, ranks=[msgspec.structs.replace(r, host=self.address_of(r.host))
                                                   for r in stage.ranks])
             for stage in pipeline.stages])
-        material = msgspec.json.encode([self.model, self.broker.results, resolved])
+        # the keys its processes hold or check: a key changed is a pipeline to restart
+        hosts = {self.canonical_host(r.host) for stage in pipeline.stages for r in stage.ranks}
+        hosts.add(self.canonical_host(self.broker_host()))
+        keys = sorted((h.name, h.public_key) for h in self.hosts if h.name in hosts and h.public_key)
+        material = msgspec.json.encode([self.model, self.broker.results, resolved, keys])
         return hashlib.sha256(material).hexdigest()[:16]
 
     def stage(self, stage_id: str) -> tuple[PipelineSpec, int]:
@@ -216,10 +231,17 @@ def _check_hosts(deployment: Deployment) -> None:
         names[host.name] = h
         if not (is_ip_address(host.address) or HOSTNAME.match(host.address)):
             raise DeploymentError(f"{at}.address", f"{host.address!r} is not an IP address or a DNS name")
-        if host.public_key is not None and not re.fullmatch(r"[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}", host.public_key):
+        if host.public_key is not None and not Z85_KEY.fullmatch(host.public_key):
             raise DeploymentError(f"{at}.public_key", "a CurveZMQ public key is 40 characters of Z85")
     if deployment.broker.host is not None and deployment.broker.host not in names:
         raise DeploymentError("broker.host", f"unknown host {deployment.broker.host!r}{_known(deployment)}")
+    security = deployment.security
+    if isinstance(security, SecuritySpec):
+        for k, key in enumerate(security.client_keys):
+            if not Z85_KEY.fullmatch(key):
+                raise DeploymentError(f"security.client_keys[{k}]", "a CurveZMQ public key is 40 characters of Z85")
+        if security.client_keys_file is not None and not Path(security.client_keys_file).is_file():
+            raise DeploymentError("security.client_keys_file", f"{security.client_keys_file} is not a readable file")
 
 
 def _known(deployment: Deployment) -> str:
@@ -258,6 +280,11 @@ def parse_deployment(data: Any, base_dir: Path | None = None) -> Deployment:
         deployment = msgspec.structs.replace(
             deployment, model=msgspec.structs.replace(deployment.model, path=str(model_path))
         )
+    security = deployment.security
+    if base_dir is not None and isinstance(security, SecuritySpec) and security.client_keys_file \
+            and not Path(security.client_keys_file).is_absolute():
+        deployment = msgspec.structs.replace(deployment, security=msgspec.structs.replace(
+            security, client_keys_file=str(base_dir / security.client_keys_file)))
     return deployment
 
 

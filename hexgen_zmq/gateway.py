@@ -55,6 +55,7 @@ class GatewayConfig:
     api_keys: frozenset[str] = frozenset()
     default_chat_tokens: int = DEFAULT_CHAT_TOKENS
     created: int = field(default_factory=lambda: int(time.time()))
+    credentials: dict = field(default_factory=dict)  # Client.connect's keys= and server_key= (CURVE)
 
 
 class ClientGone(Exception):
@@ -153,7 +154,7 @@ class Gateway:
         async def lifespan(app: FastAPI):
             own = self.client is None
             if own:
-                self.client = await Client.connect(self.config.broker)
+                self.client = await Client.connect(self.config.broker, **self.config.credentials)
             try:
                 yield
             finally:
@@ -437,7 +438,8 @@ def read_api_keys(keys: list[str] | None, key_file: str | None) -> frozenset[str
 
 
 def gateway_config(config_path: str, model_name: str | None = None, api_keys: frozenset[str] = frozenset(),
-                   default_chat_tokens: int = DEFAULT_CHAT_TOKENS) -> GatewayConfig:
+                   default_chat_tokens: int = DEFAULT_CHAT_TOKENS, keys: str | None = None) -> GatewayConfig:
+    from hexgen_zmq.commands import client_credentials
     from hexgen_zmq.deployment import load_deployment
 
     deployment = load_deployment(config_path, check_checkpoint=False)
@@ -446,7 +448,8 @@ def gateway_config(config_path: str, model_name: str | None = None, api_keys: fr
     if sliding := info.raw.get("sliding_window"):
         context = min(context, int(sliding))  # as the broker limits it
     return GatewayConfig(deployment.broker.clients, str(deployment.model.path),
-                         model_name or Path(deployment.model.path).name, context, api_keys, default_chat_tokens)
+                         model_name or Path(deployment.model.path).name, context, api_keys, default_chat_tokens,
+                         credentials=client_credentials(deployment, keys))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -454,6 +457,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from hexgen_zmq.deployment import DeploymentError
+    from hexgen_zmq.security import SecurityError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [gateway] %(levelname)s %(message)s")
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
@@ -461,9 +465,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     try:
         keys = read_api_keys(args.api_key, args.api_key_file)
-        config = gateway_config(args.config, args.model_name, keys, args.default_chat_tokens)
+        config = gateway_config(args.config, args.model_name, keys, args.default_chat_tokens, args.keys)
         tokenizer = load_tokenizer(config.model_path)
-    except (DeploymentError, OSError, ValueError) as exc:
+    except (DeploymentError, SecurityError, OSError, ValueError) as exc:
         print(f"hexgen-zmq: cannot serve: {exc}", file=sys.stderr)
         return 1
     gateway = Gateway(config, tokenizer)

@@ -202,6 +202,7 @@ class Heartbeat(Base, frozen=True):
     incarnation: Id = 0
     counters: StageCounters = msgspec.field(default_factory=StageCounters)
     version: str = ""
+    rejected_peers: dict[str, Count] = {}  # "PEER: REASON" -> messages or handshakes refused (CURVE roles)
 
 
 class Tokens(Base, frozen=True):
@@ -329,6 +330,7 @@ class PipelineStatus(msgspec.Struct, frozen=True, gc=False):
     stage_counters: dict[str, StageCounters] = {}  # per stage: its cumulative step and bytes counters
     version: str = ""  # the pipeline's version (a redeploy that changes a pipeline makes a new version)
     retiring: bool = False  # removed or changed by a redeploy: takes no new requests, finishing what it has
+    rejected_peers: dict[str, int] = {}  # "STAGE: PEER: REASON" -> refused handshakes and messages
 
 
 class StatusReply(Base, frozen=True):
@@ -345,6 +347,7 @@ class StatusReply(Base, frozen=True):
     file_version: str = ""  # digest of the deployment file the broker runs
     file_error: str | None = None  # why the broker refused the newest file
     redeploys: int = 0  # new versions of the deployment file adopted since the broker started
+    rejected_peers: dict[str, int] = {}  # "PEER: REASON" -> the broker's refused handshakes and messages
 
 
 Message = Union[

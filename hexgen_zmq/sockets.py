@@ -24,8 +24,11 @@ def make_socket(
     hwm: int = ACTIVATION_HWM,
     max_bytes: int = ACTIVATION_MAX_BYTES,
     identity: bytes | None = None,
+    security=None,
+    domain: str | None = None,
 ) -> zmq.Socket:
-    """A socket with every option this project relies on set before it binds or connects."""
+    """A socket with every option this project relies on set before it binds or connects; with `security`
+    (a ProcessSecurity), a CURVE server (bound, ZAP `domain`) or client (connecting) off loopback."""
     if (bind is None) == (connect is None):
         raise ValueError("give exactly one of bind= or connect=")
     sock = ctx.socket(kind)
@@ -37,6 +40,11 @@ def make_socket(
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
     if identity is not None:
         sock.setsockopt(zmq.IDENTITY, identity)
+    if security is not None:
+        if bind is not None:
+            security.server(sock, bind, domain or "")
+        else:
+            security.client(sock, connect)
     if bind is not None:
         sock.bind(bind)
     else:

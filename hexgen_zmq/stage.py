@@ -31,6 +31,7 @@ from hexgen_zmq.faults import Faults
 from hexgen_zmq.messages import (BrokerEpoch, Cancel, Feedback, Heartbeat, MicroBatch, StageCounters, StageFailed,
                                  StageReady, Submit, Tokens)
 from hexgen_zmq.model_runner import KVPool, StageModel
+from hexgen_zmq.security import ProcessSecurity, SecurityError, stage_domain
 from hexgen_zmq.scheduler import Scheduler
 from hexgen_zmq.sockets import ACTIVATION_HWM, ACTIVATION_MAX_BYTES, CONTROL_MAX_BYTES, make_socket, send_now
 from hexgen_zmq.stage_worker import BadBatch, StageWorker, StepResult, failure
@@ -66,7 +67,7 @@ def frames_bytes(frames) -> int:
 
 class StageLeader:
     def __init__(self, deployment: Deployment, stage_id: str, worker: StageWorker, tp: TPGroup | None,
-                 notify: str | None, faults: Faults | None = None):
+                 notify: str | None, faults: Faults | None = None, security: ProcessSecurity | None = None):
         self.deployment = deployment
         self.pipeline, self.index = deployment.stage(stage_id)
         self.spec = self.pipeline.stages[self.index]
@@ -77,15 +78,22 @@ class StageLeader:
         self.faults = faults or Faults()
         self.log = logging.getLogger(f"stage.{stage_id}")
         self.ctx = zmq.asyncio.Context()
+        self.security = security
+        self.domain = stage_domain(stage_id)
+        if security is not None:
+            security.start(self.ctx)
         # The first stage only receives control messages and token ids (Submit, Cancel, Feedback).
         inbound_limit = CONTROL_MAX_BYTES if self.first else ACTIVATION_MAX_BYTES
-        self.inbound = make_socket(self.ctx, zmq.PULL, bind=self.spec.inbound, max_bytes=inbound_limit)
-        self.to_broker = make_socket(self.ctx, zmq.PUSH, connect=deployment.broker.results, max_bytes=CONTROL_MAX_BYTES)
+        self.inbound = make_socket(self.ctx, zmq.PULL, bind=self.spec.inbound, max_bytes=inbound_limit,
+                                   security=security, domain=self.domain)
+        self.to_broker = make_socket(self.ctx, zmq.PUSH, connect=deployment.broker.results, max_bytes=CONTROL_MAX_BYTES,
+                                     security=security)
         self.downstream = self.to_first = None
         if not self.last:
-            self.downstream = make_socket(self.ctx, zmq.PUSH, connect=self.pipeline.stages[self.index + 1].inbound)
+            self.downstream = make_socket(self.ctx, zmq.PUSH, connect=self.pipeline.stages[self.index + 1].inbound,
+                                          security=security)
         elif not self.first:
-            self.to_first = make_socket(self.ctx, zmq.PUSH, connect=self.pipeline.stages[0].inbound)
+            self.to_first = make_socket(self.ctx, zmq.PUSH, connect=self.pipeline.stages[0].inbound, security=security)
         self.notify = make_socket(self.ctx, zmq.PUSH, connect=notify, max_bytes=CONTROL_MAX_BYTES) if notify else None
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"compute-{stage_id}")
         self.scheduler = None
@@ -130,6 +138,8 @@ class StageLeader:
             if handler is None:
                 self.reject(f"unexpected {type(message).__name__}")
                 continue
+            if self.security is not None and not self.security.admits(self.domain, frames[0], type(message).__name__):
+                continue  # an authenticated peer sending what its role does not: counted per peer and reason
             try:
                 result = handler(message, tensors)
                 if result is not None:
@@ -317,7 +327,8 @@ class StageLeader:
                          blocks.num_blocks, min(self.bad_messages, 2**31 - 1), running,
                          min(self.worker.failed_requests, 2**31 - 1), self.incarnation,
                          StageCounters(self.steps, self.step_seconds, self.step_tokens, self.step_requests,
-                                       self.bytes_sent, self.broker_bytes_sent), self.version)
+                                       self.bytes_sent, self.broker_bytes_sent), self.version,
+                         self.security.rejections() if self.security is not None else {})
 
     async def heartbeat_loop(self) -> None:
         """Liveness to the broker, never behind a step: nothing here waits for the compute thread."""
@@ -367,6 +378,8 @@ class StageLeader:
             except Exception:
                 pass
         self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.security is not None:
+            self.security.stop()
         self.ctx.destroy(linger=200)
 
 
@@ -408,7 +421,8 @@ def build_worker(deployment: Deployment, stage_id: str, rank: int) -> tuple[Stag
     return StageWorker(model, blocks, BLOCK_SIZE), tp
 
 
-def run_stage(config: str, stage_id: str, rank: int = 0, notify: str | None = None, threads: int | None = None) -> int:
+def run_stage(config: str, stage_id: str, rank: int = 0, notify: str | None = None, threads: int | None = None,
+              keys: str | None = None) -> int:
     """Entry of a stage process: load, handshake ready, serve until stopped; tell the parent on a crash."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{stage_id}:{rank}] %(levelname)s %(message)s")
     log = logging.getLogger(f"stage.{stage_id}")
@@ -417,11 +431,13 @@ def run_stage(config: str, stage_id: str, rank: int = 0, notify: str | None = No
     leader = tp = None
     try:
         deployment = load_deployment(config)
+        pipeline, index = deployment.stage(stage_id)
+        security = ProcessSecurity(deployment, pipeline.stages[index].ranks[0].host, keys) if rank == 0 else None
         worker, tp = build_worker(deployment, stage_id, rank)
         if rank > 0:
             follower_loop(worker, tp, log)
             return 0
-        leader = StageLeader(deployment, stage_id, worker, tp, notify, Faults.from_env(stage_id))
+        leader = StageLeader(deployment, stage_id, worker, tp, notify, Faults.from_env(stage_id), security)
         import uvloop
 
         uvloop.run(leader.run())
@@ -429,7 +445,7 @@ def run_stage(config: str, stage_id: str, rank: int = 0, notify: str | None = No
     except KeyboardInterrupt:
         return 0
     except Exception as exc:
-        if isinstance(exc, (DeploymentError, KeyError, CheckpointError)):  # a mistake in the file: no traceback
+        if isinstance(exc, (DeploymentError, KeyError, CheckpointError, SecurityError)):  # no traceback: say what
             log.error("cannot start: %s", exc.args[0] if isinstance(exc, KeyError) else exc)
         else:
             log.exception("stage failed")

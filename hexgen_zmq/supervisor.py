@@ -23,6 +23,7 @@ from hexgen_zmq.deployment import Deployment, DeploymentError, file_version, loa
 from hexgen_zmq.launcher import LaunchError, log_tail, spawn
 from hexgen_zmq.messages import (BrokerReady, HostReport, ProcessReport, StageFailed, StageReady, StatusReply,
                                  StatusRequest, WireError, decode_control, encode_control)
+from hexgen_zmq.security import ProcessSecurity
 from hexgen_zmq.sockets import CONTROL_MAX_BYTES, make_socket
 from hexgen_zmq.supervision import (FAILED, RUNNING, STOPPING, Change, RestartPolicy,
                                     Supervision, host_processes, plan_change)
@@ -36,7 +37,7 @@ RELEASE_WAIT_S = 10.0  # beyond the drain deadline: how long a retired pipeline'
 class Supervisor:
     def __init__(self, config: str | Path, host: str | None = None, *, log_dir: str | Path | None = None,
                  threads: int | None = None, env: dict[str, str] | None = None,
-                 policy: RestartPolicy | None = None, stop_grace_s: float = 10.0):
+                 policy: RestartPolicy | None = None, stop_grace_s: float = 10.0, keys: str | Path | None = None):
         self.config = Path(config)
         self.host = host
         self.log_dir = Path(log_dir) if log_dir else None
@@ -50,6 +51,10 @@ class Supervisor:
         if host is not None and not self.wanted:
             known = ", ".join(h.name for h in self.deployment.hosts) or "none named"
             raise LaunchError(f"no process of {self.config} is placed on host {host!r} (hosts: {known})")
+        # Refuses a deployment off loopback without keys (secure by default), and checks this host's key;
+        # the supervisor's own sockets (reports, status) are CURVE clients with it.
+        self.keys = str(Path(keys).resolve()) if keys else None
+        self.security = ProcessSecurity(self.deployment, host or self.deployment.broker_host(), self.keys)
         self.supervision = Supervision(policy)
         self.children: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path | None] = {}
@@ -99,6 +104,7 @@ class Supervisor:
                       self.config, deployment)
             return
         self.config_error = None
+        self.security.update(deployment)
         self.redeploy(deployment, now)
 
     def redeploy(self, deployment: Deployment, now: float) -> None:
@@ -140,6 +146,8 @@ class Supervisor:
         args = list(spec.args)
         if spec.pipeline is not None:
             args += ["--threads", str(self.threads_per_rank())]
+        if self.keys:
+            args += ["--keys", self.keys]
         process, self.logs[name] = spawn(name, args, self.config, self.notify_address, self.log_dir, self.env)
         self.children[name] = process
         self.supervision.started(name, process.pid, now)
@@ -204,7 +212,8 @@ class Supervisor:
         for sock in (self.reports, self.status_socket):
             if sock is not None:
                 sock.close(linger=0)
-        self.reports = make_socket(self.ctx, zmq.PUSH, connect=endpoints[1], hwm=4, max_bytes=CONTROL_MAX_BYTES)
+        self.reports = make_socket(self.ctx, zmq.PUSH, connect=endpoints[1], hwm=4, max_bytes=CONTROL_MAX_BYTES,
+                                   security=self.security)
         self.status_socket = None
         self.broker_endpoints = endpoints
 
@@ -213,7 +222,7 @@ class Supervisor:
         self._broker_sockets()
         if self.status_socket is None:
             self.status_socket = make_socket(self.ctx, zmq.DEALER, connect=self.deployment.broker.clients,
-                                             max_bytes=8 << 20)
+                                             max_bytes=8 << 20, security=self.security)
         nonce = int.from_bytes(os.urandom(6), "big")
         self.status_socket.send_multipart(encode_control(StatusRequest(nonce)), zmq.NOBLOCK)
         deadline = time.monotonic() + timeout_s

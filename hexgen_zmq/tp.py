@@ -9,6 +9,8 @@ keep-alive, so a follower's wait can carry a timeout: a dead leader or follower 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from datetime import timedelta
 
 import torch
@@ -30,12 +32,30 @@ class TPGroup:
     def __init__(self, init_method: str, rank: int, size: int, device: torch.device, timeout_s: float = 10.0,
                  start_timeout_s: float = 600.0):
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
+        # A stage's ranks share a host (checked at load): its rendezvous and its collectives stay on
+        # loopback, whatever address tp_init names, so nothing of a TP group is reachable from elsewhere.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+        self._listener = None
+        store = self._loopback_store(init_method, rank, size, timedelta(seconds=start_timeout_s))
+        dist.init_process_group(backend, store=store, rank=rank, world_size=size,
                                 timeout=timedelta(seconds=start_timeout_s))
         self.world = dist.group.WORLD
         self.group = dist.new_group(list(range(size)), timeout=timedelta(seconds=timeout_s), backend=backend)
         self.rank, self.size = rank, size
         self.device = device if backend == "nccl" else torch.device("cpu")
+
+    def _loopback_store(self, init_method: str, rank: int, size: int, timeout: timedelta) -> dist.TCPStore:
+        """The group's key-value store on 127.0.0.1 at tp_init's port: rank 0 binds the listening socket
+        itself (torch's own store would listen on every interface) and hands it to the store."""
+        port = int(init_method.rpartition(":")[2])
+        if rank == 0:
+            self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._listener.bind(("127.0.0.1", port))
+            self._listener.listen(128)
+            return dist.TCPStore("127.0.0.1", port, size, True, timeout, master_listen_fd=self._listener.fileno())
+        return dist.TCPStore("127.0.0.1", port, size, False, timeout)
 
     def _bcast(self, tensor: torch.Tensor) -> torch.Tensor:
         moved = tensor.to(self.device)
@@ -69,4 +89,7 @@ class TPGroup:
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hexgen_zmq.client import Client
+from hexgen_zmq.client import Client, GenerationError
 from tests.support import hf_greedy
 from tools.site_deployment import SiteDeployment, layout, serving, status
 from tools.sites import Sites, unavailable_reason
@@ -54,10 +54,10 @@ def cluster(tiny_model, tmp_path_factory):
             cluster.stop()
 
 
-async def run_streams(address: str, n: int, max_new_tokens: int, during=None, timeout_s: float = 200):
+async def run_streams(cluster: Cluster, n: int, max_new_tokens: int, during=None, timeout_s: float = 200):
     """n concurrent greedy streams; `during()` runs once every stream has its first token. Returns, per
     stream, (prompt, tokens, pipeline)."""
-    async with await Client.connect(address) as client:
+    async with await cluster.connect() as client:
         started = asyncio.Event()
         first_tokens = 0
 
@@ -94,7 +94,7 @@ def test_a_pipeline_across_regions_serves_the_oracle_over_the_shaped_link(cluste
     before = cluster.sites.link_counters()
 
     async def ask():
-        async with await Client.connect(cluster.address) as client:
+        async with await cluster.connect() as client:
             return await asyncio.wait_for(asyncio.gather(
                 *(client.generate(prompt_ids=p, max_new_tokens=12) for p in PROMPTS * 2)), 120)
 
@@ -112,13 +112,13 @@ def test_a_pipeline_across_regions_serves_the_oracle_over_the_shaped_link(cluste
     for result in across:
         if len(result.token_ids) > 2:
             assert (result.total_s - result.ttft_s) / (len(result.token_ids) - 1) >= 2 * LATENCY_MS / 1000 * 0.9
-    reply = asyncio.run(status(cluster.address))
+    reply = asyncio.run(status(cluster))
     assert {h.host for h in reply.hosts} == {"a", "b", "c"}
     assert all(p.state == "running" for h in reply.hosts for p in h.processes)
 
 
 def test_a_killed_stage_is_restarted_by_its_supervisor_and_no_request_is_lost(cluster):
-    victim = process_of(asyncio.run(status(cluster.address)), "c", "p0s1:0")
+    victim = process_of(asyncio.run(status(cluster)), "c", "p0s1:0")
 
     async def kill():
         os.kill(victim.pid, signal.SIGKILL)
@@ -142,7 +142,7 @@ def test_a_killed_stage_is_restarted_by_its_supervisor_and_no_request_is_lost(cl
 
 
 def run_streams_sync(cluster: Cluster, n: int, max_new_tokens: int, during=None):
-    return asyncio.run(run_streams(cluster.address, n, max_new_tokens, during))
+    return asyncio.run(run_streams(cluster, n, max_new_tokens, during))
 
 
 def test_redeploys_under_load_lose_nothing_and_status_shows_the_new_layout(cluster):
@@ -158,7 +158,7 @@ def test_redeploys_under_load_lose_nothing_and_status_shows_the_new_layout(clust
 
     results = run_streams_sync(cluster, 24, 24, lambda: redeploy_to(SECOND, "second"))
     assert_oracle(cluster.model, results, 24)
-    reply = asyncio.run(status(cluster.address))
+    reply = asyncio.run(status(cluster))
     p0 = next(p for p in reply.pipelines if p.id == "p0")
     assert {p.id for p in reply.pipelines} == {"p0", "p2"} and p0.stages_ready == ["p0s0", "p0s1"]
     assert reply.redeploys >= 1 and reply.requests_failed == {}
@@ -166,7 +166,7 @@ def test_redeploys_under_load_lose_nothing_and_status_shows_the_new_layout(clust
     assert "p1s0:0" not in names and {"p0s0:0", "p0s1:0", "p2s0:0"} <= names
     results = run_streams_sync(cluster, 24, 24, lambda: redeploy_to(FIRST, "back"))
     assert_oracle(cluster.model, results, 24)
-    reply = asyncio.run(status(cluster.address))
+    reply = asyncio.run(status(cluster))
     assert {p.id for p in reply.pipelines} == {"p0", "p1"} and reply.requests_failed == {}
     print(f"\nredeploy: file swap -> new layout serving: {timings['second']:.1f} s, back: {timings['back']:.1f} s")
 
@@ -189,7 +189,7 @@ def test_an_invalid_new_file_is_refused_and_the_running_layout_keeps_serving(clu
         async def refused():
             deadline = time.monotonic() + 30
             while True:
-                reply = await status(cluster.address)
+                reply = await status(cluster)
                 if reply.file_error and all(h.file_error for h in reply.hosts):
                     return reply
                 assert time.monotonic() < deadline, "the invalid file was not reported"
@@ -206,12 +206,149 @@ def test_an_invalid_new_file_is_refused_and_the_running_layout_keeps_serving(clu
         os.replace(swap, cluster.config)
 
 
-def test_a_lost_host_has_its_requests_replayed_elsewhere(cluster):
-    async def lose_host_c():
-        cluster.sites.kill_host("c")  # its supervisor and every process on it
+def test_a_client_without_a_key_or_with_an_unknown_one_gets_a_clear_error(cluster, tmp_path):
+    from hexgen_zmq.security import write_keys
 
-    results = run_streams_sync(cluster, 8, 16, lose_host_c)
-    assert_oracle(cluster.model, results, 16)
-    reply = asyncio.run(status(cluster.address))
-    p0 = next(p for p in reply.pipelines if p.id == "p0")
-    assert not p0.healthy and reply.requests_failed == {}
+    _, stranger = write_keys("stranger", tmp_path)
+    server_key = cluster.credentials["server_key"]
+
+    async def attempt(**credentials):
+        async with await Client.connect(cluster.address, **credentials) as client:
+            with pytest.raises(GenerationError) as err:
+                await asyncio.wait_for(client.generate(prompt_ids=[1, 2, 3], max_new_tokens=4), 20)
+            return err.value
+
+    for credentials in ({}, {"keys": str(stranger), "server_key": server_key}):
+        error = asyncio.run(attempt(**credentials))
+        assert error.code == "unauthenticated" and "CURVE" in str(error), error
+    reply = asyncio.run(status(cluster))
+    assert any("broker.clients" in reason for reason in reply.rejected_peers), reply.rejected_peers
+
+
+def test_an_authenticated_peer_may_only_send_what_its_role_sends(cluster):
+    """Host a holds the broker and p0's first stage: its key may send micro-batches to p0s1, not feedback;
+    a client's key is not admitted on the broker's results socket at all, and on the client socket it may
+    not send what stages send."""
+    import zmq
+
+    from hexgen_zmq.messages import Feedback, StageFailed, encode_control
+    from hexgen_zmq.security import ClientCurve
+    from hexgen_zmq.sockets import make_socket
+
+    keys, spec = cluster.keys_dir, layout(cluster.sites, cluster.model, FIRST)
+    p0s1 = spec["pipelines"][0]["stages"][1]["inbound"]
+    ctx = zmq.Context()
+    try:
+        as_host_a = ClientCurve(keys / "a.key_secret", public_key_of(keys, "c"))
+        forged = make_socket(ctx, zmq.PUSH, connect=p0s1, security=as_host_a)
+        forged.send_multipart(encode_control(Feedback(0, [])), copy=True)
+        as_client = ClientCurve(keys / "client.key_secret", public_key_of(keys, "a"))
+        clients = make_socket(ctx, zmq.DEALER, connect=cluster.address, security=as_client)
+        clients.send_multipart(encode_control(StageFailed("p0s0", "forged", [1, 2, 3])))
+
+        async def counted():
+            deadline = time.monotonic() + 20
+            while True:
+                reply = await status(cluster)
+                p0 = next(p for p in reply.pipelines if p.id == "p0")
+                if any("Feedback" in r for r in p0.rejected_peers) and \
+                        any("StageFailed" in r for r in reply.rejected_peers):
+                    return reply
+                assert time.monotonic() < deadline, (p0.rejected_peers, reply.rejected_peers)
+                await asyncio.sleep(0.25)
+
+        reply = asyncio.run(counted())
+        assert all(p.healthy for p in reply.pipelines), "a forged failure report failed nothing"
+    finally:
+        ctx.destroy(linger=0)
+    assert_oracle(cluster.model, run_streams_sync(cluster, 4, 8), 8)
+
+
+def public_key_of(keys_dir: Path, name: str) -> str:
+    from tools.site_deployment import public_key
+
+    return public_key(keys_dir, name)
+
+
+def test_the_http_gateway_serves_a_keyed_broker_across_sites(cluster, tmp_path):
+    import openai
+
+    from hexgen_zmq.commands import GatewayProcess
+    from hexgen_zmq.sockets import free_port
+
+    gateway = GatewayProcess(cluster.config, ("127.0.0.1", free_port()), ["--keys", cluster.credentials["keys"]],
+                             log_path=tmp_path / "gateway.log")
+    try:
+        gateway.wait_ready(120)
+        api = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="none", max_retries=0, timeout=60)
+        completion = api.completions.create(model=api.models.list().data[0].id, prompt=[5, 3, 5, 8], max_tokens=8,
+                                            temperature=0)
+        from transformers import AutoTokenizer
+
+        expected = hf_greedy(cluster.model, [5, 3, 5, 8], 8)
+        assert completion.usage.completion_tokens == len(expected)
+        tokenizer = AutoTokenizer.from_pretrained(cluster.model)
+        assert completion.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True)
+    finally:
+        gateway.stop()
+
+
+def test_a_key_removed_by_a_redeploy_is_no_longer_admitted(cluster):
+    from hexgen_zmq.deployment import file_version
+
+    spec = layout(cluster.sites, cluster.model, FIRST, keys_dir=cluster.keys_dir)
+    kept = cluster.config.read_bytes()
+    spec["security"]["client_keys"] = []
+    new = cluster.dir / "no-clients.yaml"
+    new.write_text(yaml.safe_dump(spec))
+    subprocess.run([sys.executable, "-m", "hexgen_zmq.cli", "redeploy", str(cluster.config), str(new)], check=True,
+                   timeout=60)
+
+    async def refused():
+        deadline = time.monotonic() + 20
+        while True:
+            async with await cluster.connect() as client:
+                try:
+                    await asyncio.wait_for(client.generate(prompt_ids=[1, 2], max_new_tokens=2), 10)
+                except GenerationError as exc:
+                    if exc.code == "unauthenticated":
+                        return
+            assert time.monotonic() < deadline, "the removed client key is still admitted"
+            await asyncio.sleep(0.5)
+
+    try:
+        asyncio.run(refused())
+    finally:
+        (cluster.dir / "restore.yaml").write_bytes(kept)
+        subprocess.run([sys.executable, "-m", "hexgen_zmq.cli", "redeploy", str(cluster.config),
+                        str(cluster.dir / "restore.yaml")], check=True, timeout=60)
+    asyncio.run(serving(cluster, set(FIRST), 60, file_version(kept)))
+    assert_oracle(cluster.model, run_streams_sync(cluster, 2, 6), 6)
+
+
+def test_a_lost_host_has_its_requests_replayed_elsewhere(cluster):
+    """Host b holds p1, which the broker favours (no link to cross): lost with its supervisor while p1
+    holds requests, they go on on p0 across the regions."""
+    before = asyncio.run(status(cluster)).replayed
+
+    async def lose_host_b():
+        deadline = time.monotonic() + 30
+        while not next(p for p in (await status(cluster)).pipelines if p.id == "p1").in_flight:
+            assert time.monotonic() < deadline, "p1 got no request"
+            await asyncio.sleep(0.05)
+        cluster.sites.kill_host("b")  # its supervisor and every process on it
+
+    results = run_streams_sync(cluster, 12, 40, lose_host_b)
+    assert_oracle(cluster.model, results, 40)
+
+    async def p1_lost():
+        deadline = time.monotonic() + 20
+        while True:
+            reply = await status(cluster)
+            if not next(p for p in reply.pipelines if p.id == "p1").healthy:
+                return reply
+            assert time.monotonic() < deadline, "the lost host's pipeline still looks healthy"
+            await asyncio.sleep(0.25)
+
+    reply = asyncio.run(p1_lost())
+    assert reply.replayed > before and reply.requests_failed == {}

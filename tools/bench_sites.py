@@ -37,9 +37,9 @@ BEFORE = {"p0": [("a", 0, 3), ("c", 3, 6)], "p1": [("b", 0, 6)]}
 AFTER = {"p0": [("a", 0, 2), ("c", 2, 6)], "p2": [("c", 0, 6)]}
 
 
-async def per_token_s(address: str, requests: int, tokens: int) -> list[float]:
+async def per_token_s(deployment: SiteDeployment, requests: int, tokens: int) -> list[float]:
     out = []
-    async with await Client.connect(address) as client:
+    async with await deployment.connect() as client:
         for i in range(requests):
             result = await client.generate(prompt_ids=[3, 1, 4, 1, 5, i + 1], max_new_tokens=tokens, ignore_eos=True)
             out.append((result.total_s - result.ttft_s) / (len(result.token_ids) - 1))
@@ -62,7 +62,7 @@ async def redeploy_under_load(deployment: SiteDeployment, streams: int, settle_s
             except Exception as exc:  # counted: the bar is none
                 failures.append(repr(exc))
 
-    async with await Client.connect(deployment.address) as client:
+    async with await deployment.connect() as client:
         tasks = [asyncio.create_task(worker(client, i)) for i in range(streams)]
         await asyncio.sleep(settle_s)
         swap = time.monotonic()
@@ -111,8 +111,8 @@ def main() -> int:
                     if layout is not SAME_REGION:
                         new = deployment.redeploy(layout)
                         asyncio.run(serving(deployment, {"p0"}, 300, file_version(new.read_bytes())))
-                    asyncio.run(per_token_s(deployment.address, 1, 4))  # warm
-                    figures[name] = statistics.median(asyncio.run(per_token_s(deployment.address, args.requests,
+                    asyncio.run(per_token_s(deployment, 1, 4))  # warm
+                    figures[name] = statistics.median(asyncio.run(per_token_s(deployment, args.requests,
                                                                               args.tokens)))
                 base = figures["same region"]
                 print(f"link: {args.mbit:g} Mbit/s, {args.latency_ms:g} ms one way")

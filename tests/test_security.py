@@ -1,0 +1,118 @@
+"""Who may talk to whom, without processes: secure by default, the keys each socket admits, the messages
+each role may send, and key files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hexgen_zmq.deployment import load_deployment
+from hexgen_zmq.messages import Heartbeat, HostReport, Tokens
+from hexgen_zmq.security import (BROKER_CLIENTS, BROKER_RESULTS, ProcessSecurity, SecurityError, allowed_messages,
+                                 allowed_peers, claimed_keys, load_secret, security_problem, stage_domain, write_keys)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("keys")
+    found = {}
+    for name in ("a", "b", "c", "client"):
+        public, _ = write_keys(name, directory)
+        found[name] = public.read_text().split('public-key = "')[1].split('"')[0]
+    return directory, found
+
+
+def three_hosts(keys: dict | None, security="curve") -> dict:
+    hosts = [{"name": n, "address": f"10.9.0.{i + 2}"} for i, n in enumerate("abc")]
+    if keys:
+        for host in hosts:
+            host["public_key"] = keys[host["name"]]
+    spec = {
+        "model": {"path": "/nowhere"},
+        "hosts": hosts,
+        "broker": {"host": "a", "clients": "tcp://10.9.0.2:5555", "results": "tcp://10.9.0.2:5556"},
+        "pipelines": [{"id": "p0", "stages": [
+            {"id": "p0s0", "layers": [0, 3], "inbound": "tcp://10.9.0.3:7000", "tp_init": "tcp://127.0.0.1:7500",
+             "ranks": [{"host": "b"}]},
+            {"id": "p0s1", "layers": [3, 6], "inbound": "tcp://10.9.0.4:7000", "tp_init": "tcp://127.0.0.1:7500",
+             "ranks": [{"host": "c"}]}]}],
+    }
+    if security == "curve":
+        spec["security"] = {"mode": "curve", "client_keys": [keys["client"]] if keys else []}
+    elif security is not None:
+        spec["security"] = security
+    return spec
+
+
+def test_off_loopback_without_keys_refuses_to_start_unless_it_says_insecure(keys):
+    problem = security_problem(load_deployment(three_hosts(None, security=None), check_checkpoint=False))
+    assert "broker.clients" in problem and "security: insecure" in problem and "hexgen-zmq keys" in problem
+    missing = security_problem(load_deployment(three_hosts(None), check_checkpoint=False))
+    assert "public_key" in missing and "a, b, c" in missing
+    assert security_problem(load_deployment(three_hosts(None, security="insecure"), check_checkpoint=False)) is None
+    assert security_problem(load_deployment(three_hosts(keys[1]), check_checkpoint=False)) is None
+
+
+def test_each_socket_admits_only_the_keys_at_its_other_end(keys):
+    k = keys[1]
+    deployment = load_deployment(three_hosts(k), check_checkpoint=False)
+    assert allowed_peers(deployment, BROKER_CLIENTS) == {k["client"], k["a"], k["b"], k["c"]}
+    assert allowed_peers(deployment, BROKER_RESULTS) == {k["a"], k["b"], k["c"]}
+    assert allowed_peers(deployment, stage_domain("p0s0")) == {k["a"], k["c"]}  # the broker, the last stage
+    assert allowed_peers(deployment, stage_domain("p0s1")) == {k["a"], k["b"]}  # the broker, the previous stage
+
+
+def test_a_peer_may_send_only_what_its_role_sends(keys):
+    k = keys[1]
+    deployment = load_deployment(three_hosts(k), check_checkpoint=False)
+    assert allowed_messages(deployment, stage_domain("p0s1"), k["b"]) == {"MicroBatch"}
+    assert allowed_messages(deployment, stage_domain("p0s0"), k["c"]) == {"Feedback"}
+    assert allowed_messages(deployment, stage_domain("p0s0"), k["a"]) == {"Submit", "Cancel", "BrokerEpoch"}
+    assert "Tokens" not in allowed_messages(deployment, BROKER_CLIENTS, k["client"])
+    assert "GenerateRequest" not in allowed_messages(deployment, BROKER_CLIENTS, k["b"])  # a host asks status only
+    assert allowed_messages(deployment, BROKER_RESULTS, k["client"]) == frozenset()
+    # a host may speak only for its own stages and its own supervisor
+    assert claimed_keys(deployment, Heartbeat("p0s1")) == {k["c"]}
+    assert claimed_keys(deployment, Tokens("p0", [])) == {k["c"]}  # the last stage samples
+    assert claimed_keys(deployment, HostReport("b", 1)) == {k["b"]}
+
+
+def test_key_files_are_owner_only_and_must_match_the_file(keys, tmp_path):
+    directory, k = keys
+    assert oct(os.stat(directory / "a.key_secret").st_mode & 0o777) == "0o600"
+    exposed = tmp_path / "exposed.key_secret"
+    exposed.write_bytes((directory / "a.key_secret").read_bytes())
+    os.chmod(exposed, 0o644)
+    with pytest.raises(SecurityError, match="readable by others"):
+        load_secret(exposed)
+    deployment = load_deployment(three_hosts(k), check_checkpoint=False)
+    assert ProcessSecurity(deployment, "b", directory).keys.public.decode() == k["b"]
+    with pytest.raises(SecurityError, match="--keys"):
+        ProcessSecurity(deployment, "b", None)
+    swapped = load_deployment(three_hosts({**k, "b": k["c"]}), check_checkpoint=False)
+    with pytest.raises(SecurityError, match="does not match"):
+        ProcessSecurity(swapped, "b", directory)
+
+
+def test_the_keys_command_writes_pyzmq_certificates(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "hexgen_zmq.cli", "keys", "host1", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "host1.key").exists() and (tmp_path / "host1.key_secret").stat().st_mode & 0o077 == 0
+    pair = load_secret(tmp_path / "host1.key_secret")
+    assert pair.public.decode() in result.stdout and len(pair.secret) == 40
+
+
+def test_up_refuses_a_deployment_off_loopback_without_keys(tmp_path, tiny_model):
+    import yaml
+
+    spec = three_hosts(None, security=None)
+    spec["model"]["path"] = str(tiny_model)
+    path = tmp_path / "open.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    result = subprocess.run([sys.executable, "-m", "hexgen_zmq.cli", "up", str(path), "--host", "a"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "not on loopback" in result.stderr and "security: insecure" in result.stderr
