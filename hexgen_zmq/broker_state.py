@@ -607,6 +607,8 @@ class BrokerState:
             self.to_client(client, events[0] if len(events) == 1 else TokenEvents(events))
         if gaps:
             state.observe_pace(sum(gaps) / len(gaps), load)
+        if self.queue and len(state.in_flight) < load:  # room freed: a waiting request need not wait for the tick
+            self.dispatch_queued()
 
     def _pipeline_of(self, stage_id: str, version: str, what: str) -> PipelineState | None:
         """The pipeline, current or retiring, that a message of this stage at this version belongs to; None

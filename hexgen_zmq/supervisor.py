@@ -49,8 +49,11 @@ class Supervisor:
             raise self.deployment
         self.wanted = host_processes(self.deployment, host)
         if host is not None and not self.wanted:
-            known = ", ".join(h.name for h in self.deployment.hosts) or "none named"
-            raise LaunchError(f"no process of {self.config} is placed on host {host!r} (hosts: {known})")
+            if self.deployment.host_named(self.deployment.canonical_host(host)) is None:
+                known = ", ".join(h.name for h in self.deployment.hosts) or "none named"
+                raise LaunchError(f"no process of {self.config} is placed on host {host!r} (hosts: {known})")
+            # a host the file names but gives nothing to now: it waits for a redeploy that does
+            log.info("nothing of %s is placed on host %s now; following the file", self.config, host)
         # Refuses a deployment off loopback without keys (secure by default), and checks this host's key;
         # the supervisor's own sockets (reports, status) are CURVE clients with it.
         self.keys = str(Path(keys).resolve()) if keys else None
@@ -171,6 +174,7 @@ class Supervisor:
             self.kill_at.pop(name, None)
             self.retiring.pop(name, None)
             state = self.supervision.exited(name, status, now)
+            self.last_report = 0.0
             if state == FAILED:
                 log.error("%s keeps exiting (status %s): given up after %d restarts%s", name, status,
                           self.supervision.processes[name].restarts, log_tail(self.logs.get(name)))
@@ -194,6 +198,7 @@ class Supervisor:
                 message = decode_control(self.notify.recv_multipart())
             except WireError:
                 continue
+            self.last_report = 0.0  # news: the broker hears it with the next step, not within the second
             if isinstance(message, BrokerReady):
                 self.supervision.ready("broker")
             elif isinstance(message, StageReady):

@@ -259,3 +259,17 @@ def test_a_text_too_long_for_any_tokenization_is_refused_before_tokenizing(broke
                                                      prompt="x" * (2 * 4 * broker.max_context + 8)))
     [error] = events(take(broker))
     assert error.code == "prompt_too_long" and "past the model's context" in error.message
+
+
+def test_a_finished_request_makes_room_for_a_waiting_one_at_once(tiny_model):
+    spec = deployment_dict(tiny_model, [[(0, 6, 1)]], request_timeout_s=30)
+    spec["pipelines"][0]["stages"][0]["kv_cache_tokens"] = 64  # 4 blocks: room for one request of 40 tokens
+    deployment = load_deployment(spec)
+    broker = BrokerState(deployment, read_model_info(tiny_model), clock=Clock())
+    broker.on_stage_message(StageReady("p0s0", 0, 1, 64, incarnation=incarnation(0, 0)))
+    for i in range(2):
+        broker.on_client_message(CLIENT, GenerateRequest(i, SamplingParams(max_new_tokens=36), prompt_ids=[3, 4, 5, 6]))
+    [(_, first)] = submits(take(broker))
+    assert len(broker.queue) == 1
+    out = tokens(broker, "p0", first.request_id, 9, finished=True)
+    assert len(submits(out)) == 1 and not broker.queue, "dispatched on the finish, not on the next tick"

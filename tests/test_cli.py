@@ -91,6 +91,19 @@ def test_up_restarts_a_dead_process_and_the_deployment_serves_again(tiny_model, 
 
         result, status = asyncio.run(serves_again())
         assert result.token_ids == hf_greedy(tiny_model, [2, 7, 1], 8)
+
+        async def reported_running():  # supervisors report on every change, and every second
+            from hexgen_zmq.deployment import load_deployment
+
+            async with await Client.connect(load_deployment(config).broker.clients) as client:
+                for _ in range(100):
+                    status = await client.status()
+                    if {p.name: p for p in status.hosts[0].processes}["p0s1:0"].state == "running":
+                        return status
+                    await asyncio.sleep(0.1)
+            return status
+
+        status = asyncio.run(reported_running())
         assert process.poll() is None, "one process dying no longer stops the deployment"
         new_pids = children(process.pid)
         assert victim not in new_pids and len(new_pids) == len(pids)
@@ -157,3 +170,21 @@ def test_rendered_systemd_units_verify(tiny_model, tmp_path, per_process):
                            text=True, timeout=60)
     assert check.returncode == 0, check.stderr
     assert "hexgen-zmq" not in check.stderr, check.stderr  # no warning about our units
+
+
+def test_a_supervisor_for_a_host_given_nothing_yet_waits_for_the_file(tiny_model, tmp_path):
+    from hexgen_zmq.launcher import LaunchError
+    from hexgen_zmq.supervisor import Supervisor
+
+    def two_hosts(spec):
+        spec["hosts"] = [{"name": "here", "address": "127.0.0.1"}, {"name": "spare", "address": "127.0.0.1"}]
+
+    config = write_deployment(tmp_path, tiny_model, [[(0, 6, 1)]], edit=two_hosts)
+    spare = Supervisor(config, "spare")
+    try:
+        assert spare.wanted == {}
+        spare.wait_ready(5)  # nothing to start: ready at once, and it goes on following the file
+    finally:
+        spare.stop()
+    with pytest.raises(LaunchError, match="hosts: here, spare"):
+        Supervisor(config, "elsewhere")

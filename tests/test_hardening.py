@@ -224,14 +224,20 @@ async def test_a_silent_client_is_told_its_requests_were_cancelled(deployment):
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.connect(deployment.address)
     try:
-        await dealer.send_multipart(encode_control(GenerateRequest(
-            1, SamplingParams(max_new_tokens=480, ignore_eos=True), prompt_ids=[3, 4], timeout_s=60)))
+        # enough work that it cannot all finish inside client_timeout_s, however idle the machine is
+        for i in range(16):
+            await dealer.send_multipart(encode_control(GenerateRequest(
+                i, SamplingParams(max_new_tokens=480, ignore_eos=True), prompt_ids=[3, 4, i + 1], timeout_s=60)))
+        finished = 0
         async with asyncio.timeout(20):
             while True:
                 message = decode_control(await dealer.recv_multipart())
-                errors = [e for e in getattr(message, "events", (message,)) if isinstance(e, ErrorEvent)]
+                events = getattr(message, "events", (message,))
+                errors = [e for e in events if isinstance(e, ErrorEvent)]
                 if errors:
                     break
+                finished += sum(1 for e in events if getattr(e, "finished", False))
+                assert finished < 16, "every request finished before the client counted as gone"
         assert errors[0].code == "cancelled" and "no word from the client" in errors[0].message
     finally:
         dealer.close(0)

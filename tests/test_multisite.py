@@ -232,7 +232,7 @@ def test_an_authenticated_peer_may_only_send_what_its_role_sends(cluster):
     import zmq
 
     from hexgen_zmq.messages import Feedback, StageFailed, encode_control
-    from hexgen_zmq.security import ClientCurve
+    from hexgen_zmq.security import ClientCurve, write_keys
     from hexgen_zmq.sockets import make_socket
 
     keys, spec = cluster.keys_dir, layout(cluster.sites, cluster.model, FIRST)
@@ -245,6 +245,13 @@ def test_an_authenticated_peer_may_only_send_what_its_role_sends(cluster):
         as_client = ClientCurve(keys / "client.key_secret", public_key_of(keys, "a"))
         clients = make_socket(ctx, zmq.DEALER, connect=cluster.address, security=as_client)
         clients.send_multipart(encode_control(StageFailed("p0s0", "forged", [1, 2, 3])))
+        # keys the file does not admit there: a stranger's at a stage, a client's on the results socket
+        stranger = ClientCurve(write_keys("rogue", cluster.dir / "rogue")[1], public_key_of(keys, "c"))
+        make_socket(ctx, zmq.PUSH, connect=p0s1, security=stranger).send_multipart(
+            encode_control(Feedback(0, [])))
+        as_client_to_results = ClientCurve(keys / "client.key_secret", public_key_of(keys, "a"))
+        make_socket(ctx, zmq.PUSH, connect=spec["broker"]["results"], security=as_client_to_results).send_multipart(
+            encode_control(StageFailed("p0s1", "forged")))
 
         async def counted():
             deadline = time.monotonic() + 20
@@ -252,7 +259,9 @@ def test_an_authenticated_peer_may_only_send_what_its_role_sends(cluster):
                 reply = await status(cluster)
                 p0 = next(p for p in reply.pipelines if p.id == "p0")
                 if any("Feedback" in r for r in p0.rejected_peers) and \
-                        any("StageFailed" in r for r in reply.rejected_peers):
+                        any("unknown key on stage:p0s1" in r for r in p0.rejected_peers) and \
+                        any("StageFailed" in r for r in reply.rejected_peers) and \
+                        any("unknown key on broker.results" in r for r in reply.rejected_peers):
                     return reply
                 assert time.monotonic() < deadline, (p0.rejected_peers, reply.rejected_peers)
                 await asyncio.sleep(0.25)
@@ -291,6 +300,65 @@ def test_the_http_gateway_serves_a_keyed_broker_across_sites(cluster, tmp_path):
         assert completion.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True)
     finally:
         gateway.stop()
+
+
+CAPTURE = r"""
+import signal, socket, sys, time
+socks = []
+for name in sys.argv[2:]:
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))  # every protocol
+    sock.bind((name, 0))
+    sock.settimeout(0.05)
+    socks.append(sock)
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+print("ready", flush=True)
+with open(sys.argv[1], "wb") as out:
+    while not stop:
+        for sock in socks:
+            try:
+                out.write(sock.recv(1 << 17))
+            except socket.timeout:
+                pass
+"""
+
+
+def capture(argv_prefix: list[str], interfaces: list[str], out: Path) -> subprocess.Popen:
+    process = subprocess.Popen([*argv_prefix, sys.executable, "-c", CAPTURE, str(out), *interfaces],
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "ready"
+    return process
+
+
+def test_nothing_crosses_in_clear(cluster, tmp_path):
+    """Packets captured on the client's link to the broker and on the cross-region link: the ZMTP greetings
+    name CURVE, and the prompt's token ids (as MessagePack puts them on the wire) appear nowhere."""
+    import msgspec
+
+    prompt = [401, 402, 403, 404, 405, 406, 407]
+    pattern = msgspec.msgpack.encode(prompt)
+    captures = [capture([], [f"{cluster.sites.prefix}-rt"], tmp_path / "client-link.bin"),
+                capture(["ip", "netns", "exec", cluster.sites.router], ["l0a", "l0b"], tmp_path / "region-link.bin")]
+    try:
+        async def ask():
+            async with await cluster.connect() as client:  # a new connection: its greeting is captured
+                return await asyncio.wait_for(asyncio.gather(
+                    *(client.generate(prompt_ids=prompt, max_new_tokens=12) for _ in range(6))), 60)
+
+        results = asyncio.run(ask())
+        assert all(r.token_ids == hf_greedy(cluster.model, prompt, 12) for r in results)
+    finally:
+        for process in captures:
+            process.terminate()
+            process.wait(10)
+    client_link = (tmp_path / "client-link.bin").read_bytes()
+    region_link = (tmp_path / "region-link.bin").read_bytes()
+    assert len(client_link) > 6 * 64 and len(region_link) > 0, "the capture saw the traffic"
+    assert b"CURVE" in client_link, "the client's connection negotiated CURVE"
+    assert pattern not in client_link and pattern not in region_link
+    # message kinds are tagged by name: in clear, every request and every heartbeat would show its own
+    assert b"GenerateRequest" not in client_link and b"Heartbeat" not in region_link and b"p0s1" not in region_link
+    assert msgspec.msgpack.encode(results[0].token_ids) not in client_link + region_link
 
 
 def test_a_key_removed_by_a_redeploy_is_no_longer_admitted(cluster):

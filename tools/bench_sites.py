@@ -11,6 +11,9 @@ per token, and what a redeploy under load costs.
 2. Redeploy under load: `--streams` closed-loop streams; the file is swapped to a layout with a pipeline
    reshaped, one removed and one added. Prints the time from the swap until the broker serves the new
    layout, and throughput before, during and after.
+3. With `--compare-security`: the cost of CURVE. A two-stage pipeline over two hosts of one region,
+   `--streams` closed-loop streams for `--settle-s`, once with keys and once with `security: insecure`,
+   alternating `--pairs` times (each a fresh deployment); medians of tokens/s and their ratio.
 """
 
 from __future__ import annotations
@@ -80,6 +83,49 @@ async def redeploy_under_load(deployment: SiteDeployment, streams: int, settle_s
             "during": rate(swap, served), "after": rate(served + 2, served + settle_s), "failures": failures}
 
 
+async def closed_loop_rate(deployment: SiteDeployment, streams: int, seconds: float) -> float:
+    """Tokens per second of `streams` streams issuing requests back to back (after a warm-up second)."""
+    stamps: list[float] = []
+    stop = asyncio.Event()
+
+    async def worker(client: Client, i: int) -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            async for _ in client.stream(prompt_ids=[5, 9, 2, i % 50 + 1, n % 50 + 1], max_new_tokens=32,
+                                         ignore_eos=True):
+                stamps.append(time.monotonic())
+
+    async with await deployment.connect() as client:
+        tasks = [asyncio.create_task(worker(client, i)) for i in range(streams)]
+        start = time.monotonic()
+        await asyncio.sleep(seconds + 1)
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 120)
+    return sum(1 for t in stamps if t >= start + 1) / seconds
+
+
+def compare_security(args, model: str, tmp: Path) -> None:
+    topology = {"regions": {"eu": ["a", "b"]}, "links": []}
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    with Sites(topology, prefix="hxbk", subnet="10.245.0.0/16") as sites:
+        for pair in range(args.pairs):
+            for secure in (True, False) if pair % 2 == 0 else (False, True):
+                directory = tmp / f"security-{pair}-{secure}"
+                directory.mkdir()
+                deployment = SiteDeployment(sites, model, directory, {"p0": [("a", 0, 3), ("b", 3, 6)]},
+                                            secure=secure)
+                try:
+                    asyncio.run(serving(deployment, {"p0"}, 300))
+                    rates[secure].append(asyncio.run(closed_loop_rate(deployment, args.streams, args.settle_s)))
+                finally:
+                    deployment.stop()
+                print(f"  {'keys' if secure else 'insecure':8s} {rates[secure][-1]:7.0f} tok/s", flush=True)
+    keyed, plain = statistics.median(rates[True]), statistics.median(rates[False])
+    print(f"two hosts, one region, {args.streams} streams: with keys {keyed:.0f} tok/s, insecure {plain:.0f} tok/s "
+          f"(medians of {args.pairs}); keys/insecure {keyed / plain:.3f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--latency-ms", type=float, default=20.0)
@@ -89,6 +135,8 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=24)
     parser.add_argument("--settle-s", type=float, default=12.0)
     parser.add_argument("--model", default=None, help="checkpoint (default: a tiny random Llama)")
+    parser.add_argument("--compare-security", action="store_true", help="only the CURVE cost comparison")
+    parser.add_argument("--pairs", type=int, default=3)
     args = parser.parse_args()
     require_root()
     with tempfile.TemporaryDirectory(prefix="bench-sites-") as tmp:
@@ -98,6 +146,9 @@ def main() -> int:
 
             model = str(make_tiny_model(Path(tmp) / "tiny", num_layers=6, hidden_size=128, num_heads=8,
                                         num_kv_heads=4, intermediate_size=344, max_positions=512))
+        if args.compare_security:
+            compare_security(args, model, Path(tmp))
+            return 0
         topology = {"regions": {"eu": ["a", "b"], "us": ["c"]},
                     "links": [{"a": "eu", "b": "us", "mbit": args.mbit, "latency_ms": args.latency_ms}]}
         with Sites(topology, prefix="hxbs", subnet="10.244.0.0/16") as sites:
