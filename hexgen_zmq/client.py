@@ -155,6 +155,7 @@ class Client:
         # clear error instead of timing out.
         self._monitor = self.socket.get_monitor_socket(sum(HANDSHAKE_FAILURES))
         self._auth_error: str | None = None
+        self._refused = asyncio.Event()  # set with _auth_error
         self._ids = itertools.count(1)
         self._open: dict[int, _Open] = {}
         self._status: dict[int, asyncio.Future] = {}  # by nonce: concurrent status() calls each get theirs
@@ -185,6 +186,7 @@ class Client:
                 continue
             self._auth_error = (f"CURVE authentication with the broker at {self.address} failed: {why} "
                                 f"(code {event['value']})")
+            self._refused.set()
             for client_request_id, entry in list(self._open.items()):
                 entry.deliver(ErrorEvent(client_request_id, "unauthenticated", self._auth_error))
             for waiter in self._status.values():
@@ -214,7 +216,15 @@ class Client:
         if len(frames[0]) > CONTROL_MAX_BYTES:  # the broker would drop it and the connection with it
             raise GenerationError("invalid_request", f"request of {len(frames[0])} bytes exceeds the "
                                                      f"{CONTROL_MAX_BYTES}-byte message limit")
-        await self.socket.send_multipart(frames)
+        send = asyncio.ensure_future(self.socket.send_multipart(frames))
+        if not send.done():  # no peer to take it yet: a refused handshake would leave it waiting for good
+            refused = asyncio.ensure_future(self._refused.wait())
+            await asyncio.wait({send, refused}, return_when=asyncio.FIRST_COMPLETED)
+            refused.cancel()
+            if not send.done():
+                send.cancel()
+                raise GenerationError("unauthenticated", self._auth_error)
+        send.result()
 
     async def _read(self) -> None:
         while True:
