@@ -37,6 +37,17 @@ def assert_gone(pids: list[int], timeout_s: float = 10.0) -> None:
     assert not any(alive(p) for p in pids)
 
 
+def stop_up(process: subprocess.Popen) -> None:
+    """After a failure too: SIGTERM, so `up` stops its children (they have sessions of their own and would
+    outlive a SIGKILLed supervisor); SIGKILL only if it does not exit."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
 def start_up(config: Path) -> subprocess.Popen:
     process = subprocess.Popen([sys.executable, "-m", "hexgen_zmq.cli", "up", str(config), "--threads", "1"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -69,8 +80,7 @@ def test_up_serves_and_stops_cleanly_on_sigterm(tiny_model, tmp_path):
         assert process.wait(30) == 0
         assert_gone(pids)
     finally:
-        if process.poll() is None:
-            process.kill()
+        stop_up(process)
 
 
 def test_up_restarts_a_dead_process_and_the_deployment_serves_again(tiny_model, tmp_path):
@@ -114,8 +124,7 @@ def test_up_restarts_a_dead_process_and_the_deployment_serves_again(tiny_model, 
         assert process.wait(30) == 0
         assert_gone(new_pids)
     finally:
-        if process.poll() is None:
-            process.kill()
+        stop_up(process)
 
 
 def test_up_rejects_a_bad_file_with_its_field_path(tiny_model, tmp_path):
@@ -142,8 +151,7 @@ def test_up_stopped_while_starting_leaves_no_process(tiny_model, tmp_path):
         assert "stopped during start-up" in err
         assert_gone(pids)
     finally:
-        if process.poll() is None:
-            process.kill()
+        stop_up(process)
 
 
 @pytest.mark.parametrize("per_process", [False, True])
