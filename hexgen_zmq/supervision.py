@@ -146,6 +146,3 @@ class Supervision:
         process.state, process.next_start = BACKOFF, now + backoff
         process.restarts += 1
         return BACKOFF
-
-    def alive(self) -> list[str]:
-        return [name for name, p in self.processes.items() if p.pid is not None]
