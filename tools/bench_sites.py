@@ -49,24 +49,27 @@ async def per_token_s(deployment: SiteDeployment, requests: int, tokens: int) ->
     return out
 
 
+async def stream_until(client: Client, i: int, stop: asyncio.Event, stamps: list[float], failures: list[str]) -> None:
+    """One closed-loop stream: requests back to back until `stop`, each token's arrival time in `stamps`,
+    each failed request in `failures` (the bar is none)."""
+    n = 0
+    while not stop.is_set():
+        n += 1
+        try:
+            async for _ in client.stream(prompt_ids=[2, 7, 1, 8, i % 50 + 1, n % 50 + 1], max_new_tokens=32,
+                                         ignore_eos=True):
+                stamps.append(time.monotonic())
+        except Exception as exc:
+            failures.append(repr(exc))
+
+
 async def redeploy_under_load(deployment: SiteDeployment, streams: int, settle_s: float) -> dict:
     stamps: list[float] = []
     failures: list[str] = []
     stop = asyncio.Event()
 
-    async def worker(client: Client, i: int) -> None:
-        n = 0
-        while not stop.is_set():
-            n += 1
-            try:
-                async for _ in client.stream(prompt_ids=[2, 7, 1, 8, i % 50 + 1, n % 50 + 1], max_new_tokens=32,
-                                             ignore_eos=True):
-                    stamps.append(time.monotonic())
-            except Exception as exc:  # counted: the bar is none
-                failures.append(repr(exc))
-
     async with await deployment.connect() as client:
-        tasks = [asyncio.create_task(worker(client, i)) for i in range(streams)]
+        tasks = [asyncio.create_task(stream_until(client, i, stop, stamps, failures)) for i in range(streams)]
         await asyncio.sleep(settle_s)
         swap = time.monotonic()
         new = deployment.redeploy(AFTER)
@@ -86,22 +89,17 @@ async def redeploy_under_load(deployment: SiteDeployment, streams: int, settle_s
 async def closed_loop_rate(deployment: SiteDeployment, streams: int, seconds: float) -> float:
     """Tokens per second of `streams` streams issuing requests back to back (after a warm-up second)."""
     stamps: list[float] = []
+    failures: list[str] = []
     stop = asyncio.Event()
 
-    async def worker(client: Client, i: int) -> None:
-        n = 0
-        while not stop.is_set():
-            n += 1
-            async for _ in client.stream(prompt_ids=[5, 9, 2, i % 50 + 1, n % 50 + 1], max_new_tokens=32,
-                                         ignore_eos=True):
-                stamps.append(time.monotonic())
-
     async with await deployment.connect() as client:
-        tasks = [asyncio.create_task(worker(client, i)) for i in range(streams)]
+        tasks = [asyncio.create_task(stream_until(client, i, stop, stamps, failures)) for i in range(streams)]
         start = time.monotonic()
         await asyncio.sleep(seconds + 1)
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 120)
+    if failures:
+        raise RuntimeError(f"{len(failures)} requests failed: {failures[:3]}")
     return sum(1 for t in stamps if t >= start + 1) / seconds
 
 
