@@ -3,7 +3,7 @@
 Clients talk to its ROUTER; stages report to its results PULL; it pushes Submit / Cancel to each pipeline's
 first stage. Every decision (admission by KV budget, dispatch to the pipeline where a request would get its
 tokens soonest, deadlines, cancellation, heartbeats and incarnations, the progress watchdog, replay of a
-failed pipeline's requests) is `hexgen_zmq.broker_state.BrokerState`; this process is its I/O shell: it
+failed pipeline's requests) is `hexgen_zmq.serving.broker_state.BrokerState`; this process is its I/O shell: it
 decodes what arrives, hands it to the state machine, sends what the machine put in its outbox, holds events
 for clients that cannot take them yet, and tokenizes text prompts on a thread of their own.
 """
@@ -21,12 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 import zmq
 import zmq.asyncio
 
-from hexgen_zmq.aio import run_until_first_failure
-from hexgen_zmq.broker_state import BrokerState, PipelineState, ToClient
-from hexgen_zmq.deployment import Deployment, DeploymentError, file_version, load_deployment_text
-from hexgen_zmq.messages import BrokerReady, GenerateRequest, WireError, decode_control, encode_control
-from hexgen_zmq.security import BROKER_CLIENTS, BROKER_RESULTS, ProcessSecurity, SecurityError
-from hexgen_zmq.sockets import CONTROL_MAX_BYTES, make_socket, send_now
+from hexgen_zmq.operations.aio import run_until_first_failure
+from hexgen_zmq.serving.broker_state import BrokerState, PipelineState, ToClient
+from hexgen_zmq.operations.deployment import Deployment, DeploymentError, file_version, load_deployment_text
+from hexgen_zmq.wire.messages import BrokerReady, GenerateRequest, WireError, decode_control, encode_control
+from hexgen_zmq.wire.security import BROKER_CLIENTS, BROKER_RESULTS, ProcessSecurity, SecurityError
+from hexgen_zmq.wire.sockets import CONTROL_MAX_BYTES, make_socket, send_now
 
 log = logging.getLogger("broker")
 TICK_S = 0.05

@@ -11,7 +11,6 @@ __all__ = ["Client", "SyncClient", "GenerationResult", "GenerationError", "__ver
 
 def __getattr__(name: str) -> Any:
     if name in ("Client", "SyncClient", "GenerationResult", "GenerationError"):
-        from hexgen_zmq import client
-
+        from hexgen_zmq.serving import client
         return getattr(client, name)
     raise AttributeError(f"module 'hexgen_zmq' has no attribute {name!r}")

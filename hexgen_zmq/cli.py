@@ -12,12 +12,12 @@ import sys
 
 # Modules that define `register(subparsers)`; each parser sets `func(args) -> int`.
 COMMAND_MODULES = [
-    "hexgen_zmq.commands",
+    "hexgen_zmq.operations.commands",
     "hexgen_zmq.planner.cli",
-    "hexgen_zmq.model_fetch",
-    "hexgen_zmq.demo",
-    "hexgen_zmq.bench",
-    "hexgen_zmq.profiler",
+    "hexgen_zmq.model.fetch",
+    "hexgen_zmq.operations.demo",
+    "hexgen_zmq.serving.bench",
+    "hexgen_zmq.operations.profiler",
 ]
 
 

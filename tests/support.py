@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from hexgen_zmq.sockets import free_port
+from hexgen_zmq.wire.sockets import free_port
 
 # Small enough for 2 cores, varied enough (initializer_range 0.1) that greedy outputs differ and hit EOS.
 TINY = dict(num_layers=6, hidden_size=128, num_heads=8, num_kv_heads=4, intermediate_size=344, max_positions=512)
@@ -70,7 +70,7 @@ def hf_greedy(model_path: str | Path, prompt: list[int], max_new_tokens: int) ->
 def local_deployment(directory: Path, model_path, pipelines, edit=None, env=None, **broker):
     """A deployment written to `directory`, to run as `with local_deployment(...) as local:` (starts on
     entry, stops on exit, whatever happens in between). `env`: extra environment of every process."""
-    from hexgen_zmq.launcher import LocalDeployment
+    from hexgen_zmq.operations.launcher import LocalDeployment
 
     path = write_deployment(directory, model_path, pipelines, edit=edit, **broker)
     return LocalDeployment(path, log_dir=Path(directory) / "logs", threads=1, start_timeout_s=240.0, env=env)

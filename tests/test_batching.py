@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from hexgen_zmq.client import Client, GenerationError
+from hexgen_zmq.serving.client import Client, GenerationError
 from tests.support import hf_greedy, local_deployment
 
 KV_TOKENS = 256  # 16 blocks of 16 tokens per stage

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from hexgen_zmq.broker_state import BrokerState, ToClient, ToPipeline
-from hexgen_zmq.deployment import load_deployment
-from hexgen_zmq.messages import (Cancel, ErrorEvent, GenerateRequest, Heartbeat, SamplingParams, StageFailed,
+from hexgen_zmq.serving.broker_state import BrokerState, ToClient, ToPipeline
+from hexgen_zmq.operations.deployment import load_deployment
+from hexgen_zmq.wire.messages import (Cancel, ErrorEvent, GenerateRequest, Heartbeat, SamplingParams, StageFailed,
                                  StageReady, StatusReply, StatusRequest, Submit, TokenEvent, TokenRecord, Tokens)
-from hexgen_zmq.model_info import read_model_info
+from hexgen_zmq.model.info import read_model_info
 from tests.support import deployment_dict
 
 CLIENT = b"client-1"

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from hexgen_zmq.checkpoint import ShardPlan
-from hexgen_zmq.model_info import read_model_info
-from hexgen_zmq.model_runner import StageModel
+from hexgen_zmq.model.checkpoint import ShardPlan
+from hexgen_zmq.model.info import read_model_info
+from hexgen_zmq.model.runner import StageModel
 
 
 def tensor_bytes(model_path: str) -> dict[str, int]:
@@ -85,6 +85,6 @@ def test_kv_heads_for_each_rank(heads, kv, size, expected):
 
 
 def _fake_info():
-    from hexgen_zmq.model_info import ModelInfo
+    from hexgen_zmq.model.info import ModelInfo
 
     return ModelInfo(Path("."), "llama", 2, 64, 8, 4, 8, 96, 100, 128, False, (), {})

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hexgen_zmq.client import Client
+from hexgen_zmq.serving.client import Client
 from tests.support import hf_greedy, write_deployment
 
 
@@ -70,7 +70,7 @@ def test_up_serves_and_stops_cleanly_on_sigterm(tiny_model, tmp_path):
         assert len(pids) == 6  # broker + 5 stages
 
         async def ask():
-            from hexgen_zmq.deployment import load_deployment
+            from hexgen_zmq.operations.deployment import load_deployment
 
             async with await Client.connect(load_deployment(config).broker.clients) as client:
                 return await asyncio.wait_for(client.generate(prompt_ids=[3, 1, 4, 1, 5], max_new_tokens=10), 60)
@@ -92,7 +92,7 @@ def test_up_restarts_a_dead_process_and_the_deployment_serves_again(tiny_model, 
         os.kill(victim, signal.SIGKILL)
 
         async def serves_again():
-            from hexgen_zmq.deployment import load_deployment
+            from hexgen_zmq.operations.deployment import load_deployment
 
             async with await Client.connect(load_deployment(config).broker.clients) as client:
                 result = await asyncio.wait_for(client.generate(prompt_ids=[2, 7, 1], max_new_tokens=8), 120)
@@ -103,7 +103,7 @@ def test_up_restarts_a_dead_process_and_the_deployment_serves_again(tiny_model, 
         assert result.token_ids == hf_greedy(tiny_model, [2, 7, 1], 8)
 
         async def reported_running():  # supervisors report on every change, and every second
-            from hexgen_zmq.deployment import load_deployment
+            from hexgen_zmq.operations.deployment import load_deployment
 
             async with await Client.connect(load_deployment(config).broker.clients) as client:
                 for _ in range(100):
@@ -181,8 +181,8 @@ def test_rendered_systemd_units_verify(tiny_model, tmp_path, per_process):
 
 
 def test_a_supervisor_for_a_host_given_nothing_yet_waits_for_the_file(tiny_model, tmp_path):
-    from hexgen_zmq.launcher import LaunchError
-    from hexgen_zmq.supervisor import Supervisor
+    from hexgen_zmq.operations.launcher import LaunchError
+    from hexgen_zmq.operations.supervisor import Supervisor
 
     def two_hosts(spec):
         spec["hosts"] = [{"name": "here", "address": "127.0.0.1"}, {"name": "spare", "address": "127.0.0.1"}]

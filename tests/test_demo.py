@@ -6,7 +6,7 @@ import re
 import subprocess
 import sys
 
-from hexgen_zmq.demo import embedded_layout
+from hexgen_zmq.operations.demo import embedded_layout
 
 
 def test_embedded_layout_is_two_pipelines_of_different_shapes():

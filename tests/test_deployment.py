@@ -7,7 +7,7 @@ import copy
 import pytest
 import yaml
 
-from hexgen_zmq.deployment import DeploymentError, dump_deployment, load_deployment
+from hexgen_zmq.operations.deployment import DeploymentError, dump_deployment, load_deployment
 from tests.support import deployment_dict
 
 
@@ -136,7 +136,7 @@ def test_committed_configs_are_valid_layouts(name, layers):
     """Two pipelines of different shapes; the local ones are the demo's embedded default, on fixed ports."""
     from pathlib import Path
 
-    from hexgen_zmq.demo import embedded_layout
+    from hexgen_zmq.operations.demo import embedded_layout
 
     deployment = load_deployment(Path(__file__).parent.parent / "configs" / f"{name}.yaml", check_checkpoint=False)
     assert len(deployment.pipelines) == 2

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from hexgen_zmq.broker_state import BrokerState, PipelineState
-from hexgen_zmq.deployment import PipelineSpec, RankSpec, StageSpec
+from hexgen_zmq.serving.broker_state import BrokerState, PipelineState
+from hexgen_zmq.operations.deployment import PipelineSpec, RankSpec, StageSpec
 
 
 def pipeline(name: str) -> PipelineState:

@@ -12,7 +12,7 @@ import asyncio
 import pytest
 import torch
 
-from hexgen_zmq.client import Client
+from hexgen_zmq.serving.client import Client
 from tests.support import local_deployment
 
 

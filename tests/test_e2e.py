@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from hexgen_zmq.client import Client, GenerationError
+from hexgen_zmq.serving.client import Client, GenerationError
 from tests.support import hf_greedy, local_deployment, wait_for
 
 LAYOUT = [
@@ -198,7 +198,7 @@ def test_sync_client(deployment, tiny_model):
 async def test_a_silent_broker_is_an_error_not_a_hang():
     import zmq.asyncio
 
-    from hexgen_zmq.sockets import free_port
+    from hexgen_zmq.wire.sockets import free_port
 
     ctx = zmq.asyncio.Context()
     router = ctx.socket(zmq.ROUTER)  # accepts the request, never answers
@@ -218,8 +218,8 @@ async def test_leaving_a_request_early_tells_the_broker_to_cancel_it():
     """Cancelling a generate task, or leaving a stream after its first token, sends CancelRequest for it."""
     import zmq.asyncio
 
-    from hexgen_zmq.messages import CancelRequest, GenerateRequest, TokenEvent, decode_control, encode_control
-    from hexgen_zmq.sockets import free_port
+    from hexgen_zmq.wire.messages import CancelRequest, GenerateRequest, TokenEvent, decode_control, encode_control
+    from hexgen_zmq.wire.sockets import free_port
 
     ctx = zmq.asyncio.Context()
     router = ctx.socket(zmq.ROUTER)  # a broker that records what the client sends

@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from hexgen_zmq.text_stream import CompletionText, IncrementalDetokenizer, StopMatcher, finish_reason
+from hexgen_zmq.serving.text_stream import CompletionText, IncrementalDetokenizer, StopMatcher, finish_reason
 from tests.support import hf_greedy, local_deployment, wait_for
 
 API_KEY = "test-key-123"
@@ -134,7 +134,7 @@ def test_stop_matcher_emits_only_what_cannot_become_a_stop():
 
 def test_token_chunks_are_the_full_encoding():
     """ChunkWriter writes a token's chunk from precomputed bytes around the text: the same as encoding it."""
-    from hexgen_zmq.openai_api import ChunkWriter
+    from hexgen_zmq.serving.openai_api import ChunkWriter
 
     for chat in (False, True):
         for include_usage in (False, True):
@@ -170,7 +170,7 @@ class ScriptedBroker:
         import zmq
         import zmq.asyncio
 
-        from hexgen_zmq.sockets import free_port
+        from hexgen_zmq.wire.sockets import free_port
 
         self.ctx = zmq.asyncio.Context()
         self.socket = self.ctx.socket(zmq.ROUTER)
@@ -180,7 +180,7 @@ class ScriptedBroker:
         self.task = asyncio.create_task(self.serve())
 
     async def serve(self) -> None:
-        from hexgen_zmq.messages import GenerateRequest, decode_control, encode_control
+        from hexgen_zmq.wire.messages import GenerateRequest, decode_control, encode_control
 
         while True:
             identity, *frames = await self.socket.recv_multipart()
@@ -199,8 +199,8 @@ class ScriptedBroker:
 @pytest.fixture
 async def scripted(tiny_model, tiny_tokenizer):
     """The gateway app in this process, on httpx's ASGI transport, in front of a ScriptedBroker."""
-    from hexgen_zmq.client import Client
-    from hexgen_zmq.gateway import Gateway, GatewayConfig
+    from hexgen_zmq.serving.client import Client
+    from hexgen_zmq.serving.gateway import Gateway, GatewayConfig
 
     broker = ScriptedBroker()
     client = await Client.connect(broker.address)
@@ -226,7 +226,7 @@ async def scripted(tiny_model, tiny_tokenizer):
     ("stage_failed", 500, openai.InternalServerError),
 ])
 async def test_broker_errors_become_openai_errors(scripted, code, status, exception):
-    from hexgen_zmq.messages import ErrorEvent
+    from hexgen_zmq.wire.messages import ErrorEvent
 
     broker, api, _ = scripted
     broker.script = lambda request: [ErrorEvent(request.client_request_id, code, f"the broker says {code}")]
@@ -238,7 +238,7 @@ async def test_broker_errors_become_openai_errors(scripted, code, status, except
 
 
 async def test_an_error_mid_stream_arrives_as_an_api_error(scripted):
-    from hexgen_zmq.messages import ErrorEvent, TokenEvent
+    from hexgen_zmq.wire.messages import ErrorEvent, TokenEvent
 
     broker, api, _ = scripted
     broker.script = lambda r: [TokenEvent(r.client_request_id, [279]),
@@ -251,7 +251,7 @@ async def test_an_error_mid_stream_arrives_as_an_api_error(scripted):
 
 async def test_a_stream_the_broker_is_silent_about_times_out():
     """Streams have no timer per event: the client's ping task ends one the broker went quiet about."""
-    from hexgen_zmq.client import Client, GenerationError
+    from hexgen_zmq.serving.client import Client, GenerationError
 
     broker = ScriptedBroker()  # takes the request, never answers
     try:
@@ -268,7 +268,7 @@ async def test_a_stream_the_broker_is_silent_about_times_out():
 async def test_tokens_that_arrive_together_go_out_in_one_chunk(scripted, tiny_tokenizer):
     """Events already waiting when the stream comes back for more are one SSE chunk: its text is theirs
     joined, and its logprobs list every token, at the right text offsets."""
-    from hexgen_zmq.messages import TokenEvent, TokenEvents, TokenLogprob
+    from hexgen_zmq.wire.messages import TokenEvent, TokenEvents, TokenLogprob
 
     broker, _, http = scripted
     tokens = tiny_tokenizer("the cat sat on the mat", add_special_tokens=False)["input_ids"][:5]
@@ -340,7 +340,7 @@ def _set_kv(spec: dict) -> None:
 @pytest.fixture(scope="module")
 def served(long_model, tmp_path_factory):
     """One pipeline of two stages, and `hexgen-zmq serve` in front of it (a subprocess)."""
-    from hexgen_zmq.sockets import free_port
+    from hexgen_zmq.wire.sockets import free_port
 
     directory = tmp_path_factory.mktemp("gateway")
     with local_deployment(directory, long_model, [[(0, 2, 1), (2, 6, 1)]], edit=_set_kv, queue_limit=0,
@@ -461,7 +461,7 @@ async def test_stop_strings_cut_the_output(api, tokenizer, long_model, served):
     assert whole.choices[0].finish_reason == chunks[-1].choices[0].finish_reason == "stop"
     assert whole.usage.completion_tokens < 40
     local, _ = served
-    from hexgen_zmq.client import Client
+    from hexgen_zmq.serving.client import Client
 
     async with Client.connect(local.address) as client:  # leaving at the stop string cancelled the request
         await wait_for(lambda: nothing_held(client), timeout_s=10)
@@ -475,7 +475,7 @@ async def nothing_held(client) -> bool:
 async def test_a_disconnect_mid_stream_frees_the_request(served):
     """A long request (LONG tokens, ignore_eos: many seconds) whose client goes away after a few chunks is
     cancelled at the broker and leaves every stage's cache, long before it could have finished."""
-    from hexgen_zmq.client import Client
+    from hexgen_zmq.serving.client import Client
 
     local, url = served
     before = metric_values(url)
@@ -505,7 +505,7 @@ async def test_a_disconnect_mid_stream_frees_the_request(served):
 
 
 async def test_a_disconnect_while_waiting_for_a_whole_answer_frees_the_request(served):
-    from hexgen_zmq.client import Client
+    from hexgen_zmq.serving.client import Client
 
     local, url = served
     before = metric_values(url)
@@ -545,7 +545,7 @@ async def test_busy_and_too_long_get_their_status(api, served):
             await api.completions.create(model="tiny", prompt=[5] * 100, max_tokens=CONTEXT, stream=stream_it)
         assert err.value.code == "prompt_too_long"
     local, _ = served
-    from hexgen_zmq.client import Client
+    from hexgen_zmq.serving.client import Client
 
     async with Client.connect(local.address) as client:
         await wait_for(lambda: nothing_held(client), timeout_s=10)
@@ -669,7 +669,7 @@ async def test_greedy_logprobs_equal_hf_log_softmax(api, tokenizer, long_model):
 
 
 def test_token_bytes_rebuild_the_text(tiny_tokenizer, sentencepiece_tokenizer):
-    from hexgen_zmq.openai_api import LogprobFormatter
+    from hexgen_zmq.serving.openai_api import LogprobFormatter
 
     for tokenizer in (tiny_tokenizer, sentencepiece_tokenizer):
         formatter = LogprobFormatter(tokenizer)
@@ -680,7 +680,7 @@ def test_token_bytes_rebuild_the_text(tiny_tokenizer, sentencepiece_tokenizer):
 
 
 async def test_bench_drives_the_gateway(served):
-    from hexgen_zmq.bench import make_workload, run_http_load
+    from hexgen_zmq.serving.bench import make_workload, run_http_load
 
     _, url = served
     workload = make_workload(4, (3, 8), (6, 6), 400, seed=1)
@@ -691,7 +691,7 @@ async def test_bench_drives_the_gateway(served):
 
 def test_up_passes_the_gateway_options_on():
     from hexgen_zmq.cli import build_parser
-    from hexgen_zmq.commands import serve_options
+    from hexgen_zmq.operations.commands import serve_options
 
     args = build_parser().parse_args(["up", "d.yaml", "--http", "0.0.0.0:8080", "--api-key", "a", "--api-key", "b",
                                       "--ssl-certfile", "c.pem", "--ssl-keyfile", "k.pem"])

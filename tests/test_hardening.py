@@ -14,10 +14,10 @@ import pytest
 import torch
 import zmq
 
-from hexgen_zmq.client import Client, GenerationError
-from hexgen_zmq.messages import (BrokerEpoch, ErrorEvent, GenerateRequest, MicroBatch, NewRequest, Ping,
+from hexgen_zmq.serving.client import Client, GenerationError
+from hexgen_zmq.wire.messages import (BrokerEpoch, ErrorEvent, GenerateRequest, MicroBatch, NewRequest, Ping,
                                  SamplingParams, Segment, Submit, TokenEvent, decode_control, encode_control)
-from hexgen_zmq.wire import encode
+from hexgen_zmq.wire.codec import encode
 from tests.support import hf_greedy, local_deployment, wait_for
 
 # p0: [TP 2 | TP 1], p1: [TP 1 | TP 1]
@@ -173,7 +173,7 @@ def degenerate_frames(hidden: int) -> list[list[bytes]]:
 
 
 async def test_degenerate_headers_to_every_socket_are_counted_and_change_nothing(deployment, tiny_model):
-    from hexgen_zmq.model_info import read_model_info
+    from hexgen_zmq.model.info import read_model_info
 
     hidden = read_model_info(tiny_model).hidden_size
     spec = deployment.deployment
@@ -264,7 +264,7 @@ async def test_a_huge_text_prompt_does_not_stall_the_broker(deployment, tiny_mod
 async def test_a_request_sent_before_the_broker_starts_is_answered(tiny_model, tmp_path):
     """The client connects and sends while nothing listens; the deployment then starts; the request waits
     in the broker's queue until the pipelines are ready and gets its tokens."""
-    from hexgen_zmq.launcher import LocalDeployment
+    from hexgen_zmq.operations.launcher import LocalDeployment
     from tests.support import write_deployment
 
     path = write_deployment(tmp_path, tiny_model, [[(0, 6, 1)]], request_timeout_s=120)
@@ -286,8 +286,8 @@ def test_a_client_dropped_without_close_does_not_hang_its_process(tmp_path):
     script = tmp_path / "drop.py"
     script.write_text(
         "import asyncio, gc\n"
-        "from hexgen_zmq.client import Client, GenerationError\n"
-        "from hexgen_zmq.sockets import free_port\n"
+        "from hexgen_zmq.serving.client import Client, GenerationError\n"
+        "from hexgen_zmq.wire.sockets import free_port\n"
         "async def main():\n"
         "    client = await Client.connect(f'tcp://127.0.0.1:{free_port()}', silence_s=0.2)\n"
         "    try:\n"

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hexgen_zmq import kernels
-from hexgen_zmq.messages import MicroBatch, NewRequest, SamplingParams, Segment
+from hexgen_zmq.model import kernels
+from hexgen_zmq.wire.messages import MicroBatch, NewRequest, SamplingParams, Segment
 
 needs_kernel = pytest.mark.skipif(not kernels.enabled(), reason="the C kernel is not built here")
 
@@ -78,10 +78,10 @@ def test_decode_attention_rejects_what_it_cannot_run():
 @needs_kernel
 def test_stage_steps_agree_with_and_without_kernel(tiny_model, monkeypatch):
     """Whole-stage forward over mixed micro-batches (prompt chunks beside decode steps): same logits."""
-    from hexgen_zmq.checkpoint import ShardPlan
-    from hexgen_zmq.model_info import read_model_info
-    from hexgen_zmq.model_runner import StageModel
-    from hexgen_zmq.stage_worker import StageWorker
+    from hexgen_zmq.model.checkpoint import ShardPlan
+    from hexgen_zmq.model.info import read_model_info
+    from hexgen_zmq.model.runner import StageModel
+    from hexgen_zmq.stage.worker import StageWorker
 
     info = read_model_info(tiny_model)
     gen = torch.Generator().manual_seed(0)
@@ -116,7 +116,7 @@ def test_stage_steps_agree_with_and_without_kernel(tiny_model, monkeypatch):
 def test_packed_linear_pads_to_few_row_counts_and_matches_linear():
     from torch import nn
 
-    from hexgen_zmq.kernels import EXACT_ROWS, PackedLinear, bucket_rows, packing_usable
+    from hexgen_zmq.model.kernels import EXACT_ROWS, PackedLinear, bucket_rows, packing_usable
 
     sizes = {bucket_rows(n) for n in range(1, 4097)}
     assert len(sizes) <= EXACT_ROWS + 4 * 6 and all(n <= bucket_rows(n) <= 1.25 * n for n in range(1, 4097))
@@ -160,7 +160,7 @@ def test_layer_ops_match_their_torch_versions():
 def test_warm_up_runs_every_packed_shape_at_every_step_size(monkeypatch):
     from torch import nn
 
-    from hexgen_zmq.kernels import PackedLinear, bucket_rows, packing_usable, warm_up
+    from hexgen_zmq.model.kernels import PackedLinear, bucket_rows, packing_usable, warm_up
 
     if not packing_usable(torch.device("cpu"), torch.float32):
         pytest.skip("this torch has no oneDNN")

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from hexgen_zmq.client import Client, GenerationError
+from hexgen_zmq.serving.client import Client, GenerationError
 from tests.support import local_deployment, wait_for
 
 # p0: [TP 2 | TP 1], p1: [TP 1 | TP 1]

@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hexgen_zmq.checkpoint import ShardPlan
-from hexgen_zmq.messages import MicroBatch, NewRequest, SamplingParams, Segment
-from hexgen_zmq.model_info import read_model_info
-from hexgen_zmq.model_runner import StageModel
-from hexgen_zmq.stage_worker import StageWorker
+from hexgen_zmq.model.checkpoint import ShardPlan
+from hexgen_zmq.wire.messages import MicroBatch, NewRequest, SamplingParams, Segment
+from hexgen_zmq.model.info import read_model_info
+from hexgen_zmq.model.runner import StageModel
+from hexgen_zmq.stage.worker import StageWorker
 
 SIZES = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1, bos_token_id=0,

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from hexgen_zmq import cli, gguf_convert, model_fetch
-from hexgen_zmq.model_fetch import MODELS, ModelFetchError, ensure_model
+from hexgen_zmq import cli
+from hexgen_zmq.model import fetch as model_fetch
+from hexgen_zmq.model import gguf_convert
+from hexgen_zmq.model.fetch import MODELS, ModelFetchError, ensure_model
 
 NAME = "smollm2-135m"
 SOURCE = MODELS[NAME]
@@ -228,7 +230,7 @@ def test_empty_dest_is_filled_and_marked_complete(tmp_path: Path, monkeypatch):
 
 
 def test_module_import_is_light():
-    code = "import sys, hexgen_zmq.model_fetch; print(sorted({'torch', 'transformers', 'gguf'} & set(sys.modules)))"
+    code = "import sys, hexgen_zmq.model.fetch; print(sorted({'torch', 'transformers', 'gguf'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hexgen_zmq.client import Client, GenerationError
+from hexgen_zmq.serving.client import Client, GenerationError
 from tests.support import hf_greedy
 from tools.site_deployment import SiteDeployment, layout, serving, status
 from tools.sites import Sites, unavailable_reason
@@ -151,7 +151,7 @@ def test_redeploys_under_load_lose_nothing_and_status_shows_the_new_layout(clust
     async def redeploy_to(pipelines: dict, name: str):
         start = time.monotonic()
         new = cluster.write(pipelines)
-        from hexgen_zmq.deployment import file_version
+        from hexgen_zmq.operations.deployment import file_version
 
         await serving(cluster, set(pipelines), 240, file_version(new.read_bytes()))
         timings[name] = time.monotonic() - start
@@ -207,7 +207,7 @@ def test_an_invalid_new_file_is_refused_and_the_running_layout_keeps_serving(clu
 
 
 def test_a_client_without_a_key_or_with_an_unknown_one_gets_a_clear_error(cluster, tmp_path):
-    from hexgen_zmq.security import write_keys
+    from hexgen_zmq.wire.security import write_keys
 
     _, stranger = write_keys("stranger", tmp_path)
     server_key = cluster.credentials["server_key"]
@@ -231,9 +231,9 @@ def test_an_authenticated_peer_may_only_send_what_its_role_sends(cluster):
     not send what stages send."""
     import zmq
 
-    from hexgen_zmq.messages import Feedback, StageFailed, encode_control
-    from hexgen_zmq.security import ClientCurve, write_keys
-    from hexgen_zmq.sockets import make_socket
+    from hexgen_zmq.wire.messages import Feedback, StageFailed, encode_control
+    from hexgen_zmq.wire.security import ClientCurve, write_keys
+    from hexgen_zmq.wire.sockets import make_socket
 
     keys, spec = cluster.keys_dir, layout(cluster.sites, cluster.model, FIRST)
     p0s1 = spec["pipelines"][0]["stages"][1]["inbound"]
@@ -282,8 +282,8 @@ def public_key_of(keys_dir: Path, name: str) -> str:
 def test_the_http_gateway_serves_a_keyed_broker_across_sites(cluster, tmp_path):
     import openai
 
-    from hexgen_zmq.commands import GatewayProcess
-    from hexgen_zmq.sockets import free_port
+    from hexgen_zmq.operations.commands import GatewayProcess
+    from hexgen_zmq.wire.sockets import free_port
 
     gateway = GatewayProcess(cluster.config, ("127.0.0.1", free_port()), ["--keys", cluster.credentials["keys"]],
                              log_path=tmp_path / "gateway.log")
@@ -362,7 +362,7 @@ def test_nothing_crosses_in_clear(cluster, tmp_path):
 
 
 def test_a_key_removed_by_a_redeploy_is_no_longer_admitted(cluster):
-    from hexgen_zmq.deployment import file_version
+    from hexgen_zmq.operations.deployment import file_version
 
     spec = layout(cluster.sites, cluster.model, FIRST, keys_dir=cluster.keys_dir)
     kept = cluster.config.read_bytes()

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from hexgen_zmq.client import Client, GenerationError
+from hexgen_zmq.serving.client import Client, GenerationError
 from tests.support import hf_greedy, local_deployment
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from hexgen_zmq.messages import SamplingParams, Submit
-from hexgen_zmq.replay import continuation, replayable
+from hexgen_zmq.wire.messages import SamplingParams, Submit
+from hexgen_zmq.serving.replay import continuation, replayable
 
 
 def test_a_continuation_prefixes_the_emitted_tokens_and_asks_for_the_rest():

@@ -13,11 +13,11 @@ import pytest
 import torch
 import zmq
 
-from hexgen_zmq.client import Client, GenerationError
-from hexgen_zmq.messages import (HEADER_ENCODER, Feedback, GenerateRequest, Header, Heartbeat, MicroBatch,
+from hexgen_zmq.serving.client import Client, GenerationError
+from hexgen_zmq.wire.messages import (HEADER_ENCODER, Feedback, GenerateRequest, Header, Heartbeat, MicroBatch,
                                  SamplingParams, Segment, Submit, TensorMeta, TokenRecord, Tokens, encode_control)
-from hexgen_zmq.sockets import CONTROL_MAX_BYTES
-from hexgen_zmq.wire import encode
+from hexgen_zmq.wire.sockets import CONTROL_MAX_BYTES
+from hexgen_zmq.wire.codec import encode
 from tests.support import hf_greedy, local_deployment
 
 LAYOUT = [[(0, 2, 1), (2, 6, 1)], [(0, 6, 1)]]
@@ -68,7 +68,7 @@ async def assert_still_serving(deployment, tiny_model):
 
 
 async def test_garbage_to_stages_and_broker_leaves_them_serving(deployment, tiny_model):
-    from hexgen_zmq.model_info import read_model_info
+    from hexgen_zmq.model.info import read_model_info
 
     hidden = read_model_info(tiny_model).hidden_size
     spec = deployment.deployment

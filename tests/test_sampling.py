@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from hexgen_zmq.messages import SamplingParams
-from hexgen_zmq.sampling import RequestSampler, SamplingError, sample
+from hexgen_zmq.wire.messages import SamplingParams
+from hexgen_zmq.model.sampling import RequestSampler, SamplingError, sample
 
 
 def logits(seed: int, vocab: int = 50) -> torch.Tensor:

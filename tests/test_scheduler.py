@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from hexgen_zmq.block_manager import BlockManager, CacheFull
-from hexgen_zmq.messages import Cancel, Feedback, SamplingParams, Submit, TokenRecord
-from hexgen_zmq.scheduler import Scheduler
+from hexgen_zmq.stage.block_manager import BlockManager, CacheFull
+from hexgen_zmq.wire.messages import Cancel, Feedback, SamplingParams, Submit, TokenRecord
+from hexgen_zmq.stage.scheduler import Scheduler
 
 
 def submit(rid, prompt_len, max_new=4, timeout=None):
@@ -105,7 +105,7 @@ def test_one_micro_batch_waits_for_its_requests_and_merges_late_arrivals():
 
 
 def test_micro_batches_default_to_the_hardware():
-    from hexgen_zmq.deployment import parse_deployment
+    from hexgen_zmq.operations.deployment import parse_deployment
     from tests.support import deployment_dict
 
     data = deployment_dict("/m", [[(0, 2, 1), (2, 4, 1)]])
@@ -118,8 +118,8 @@ def test_micro_batches_default_to_the_hardware():
 
 
 def test_duplicate_and_excess_submits_do_not_grow_the_queue():
-    from hexgen_zmq.messages import SamplingParams, Submit
-    from hexgen_zmq.scheduler import Scheduler
+    from hexgen_zmq.wire.messages import SamplingParams, Submit
+    from hexgen_zmq.stage.scheduler import Scheduler
 
     scheduler = Scheduler(capacity_blocks=1, block_size=16, max_batch_tokens=64, depth=1, max_waiting=3)
     assert scheduler.submit(Submit(1, [1, 2], SamplingParams(max_new_tokens=4)))
@@ -131,8 +131,8 @@ def test_duplicate_and_excess_submits_do_not_grow_the_queue():
 
 
 def test_requests_of_an_earlier_broker_are_found_for_dropping():
-    from hexgen_zmq.messages import SamplingParams, Submit
-    from hexgen_zmq.scheduler import Scheduler
+    from hexgen_zmq.wire.messages import SamplingParams, Submit
+    from hexgen_zmq.stage.scheduler import Scheduler
 
     scheduler = Scheduler(capacity_blocks=8, block_size=16, max_batch_tokens=64, depth=1)
     scheduler.submit(Submit(1, [1, 2], SamplingParams(max_new_tokens=4), broker=100))
@@ -142,8 +142,8 @@ def test_requests_of_an_earlier_broker_are_found_for_dropping():
 
 
 def test_a_forged_feedback_reusing_a_batch_id_strands_nothing():
-    from hexgen_zmq.messages import Feedback, SamplingParams, Submit, TokenRecord
-    from hexgen_zmq.scheduler import Scheduler
+    from hexgen_zmq.wire.messages import Feedback, SamplingParams, Submit, TokenRecord
+    from hexgen_zmq.stage.scheduler import Scheduler
 
     scheduler = Scheduler(capacity_blocks=8, block_size=16, max_batch_tokens=64, depth=1)
     scheduler.submit(Submit(1, [1, 2, 3], SamplingParams(max_new_tokens=4)))

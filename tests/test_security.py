@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from hexgen_zmq.deployment import load_deployment
-from hexgen_zmq.messages import Heartbeat, HostReport, Tokens
-from hexgen_zmq.security import (BROKER_CLIENTS, BROKER_RESULTS, ProcessSecurity, SecurityError, allowed_messages,
+from hexgen_zmq.operations.deployment import load_deployment
+from hexgen_zmq.wire.messages import Heartbeat, HostReport, Tokens
+from hexgen_zmq.wire.security import (BROKER_CLIENTS, BROKER_RESULTS, ProcessSecurity, SecurityError, allowed_messages,
                                  allowed_peers, claimed_keys, load_secret, security_problem, stage_domain, write_keys)
 
 

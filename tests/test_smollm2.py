@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from hexgen_zmq.client import Client
+from hexgen_zmq.serving.client import Client
 from tests.support import hf_greedy, local_deployment
 
 CHATS = [

@@ -3,8 +3,8 @@ stops and starts, and restarts with back-off and a crash-loop limit."""
 
 from __future__ import annotations
 
-from hexgen_zmq.deployment import load_deployment
-from hexgen_zmq.supervision import (BACKOFF, FAILED, STOPPING, RestartPolicy, Supervision, host_processes,
+from hexgen_zmq.operations.deployment import load_deployment
+from hexgen_zmq.operations.supervision import (BACKOFF, FAILED, STOPPING, RestartPolicy, Supervision, host_processes,
                                     plan_change)
 
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from hexgen_zmq.client import Client, GenerationError
+from hexgen_zmq.serving.client import Client, GenerationError
 from tests.support import hf_greedy, local_deployment
 
 # [TP 2, TP 1] and [TP 1, TP 4, TP 2], uneven splits; the tiny model has 8 query heads over 4 KV heads, so

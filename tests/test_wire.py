@@ -7,9 +7,9 @@ import pytest
 import torch
 import zmq
 
-from hexgen_zmq.messages import (HEADER_ENCODER, Header, MicroBatch, Segment, Submit, SamplingParams, TensorMeta,
+from hexgen_zmq.wire.messages import (HEADER_ENCODER, Header, MicroBatch, Segment, Submit, SamplingParams, TensorMeta,
                                  WireError, decode_control, encode_control)
-from hexgen_zmq.wire import decode, encode
+from hexgen_zmq.wire.codec import decode, encode
 
 BATCH = MicroBatch(7, [Segment(1, 0, 3, True)])
 

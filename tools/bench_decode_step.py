@@ -1,4 +1,4 @@
-"""One stage's decode step on this CPU with the fast paths of `hexgen_zmq.kernels` (C decode attention, C
+"""One stage's decode step on this CPU with the fast paths of `hexgen_zmq.model.kernels` (C decode attention, C
 RMSNorm, silu * up and rotary embedding, oneDNN-packed linear layers) and with plain torch ops, side by side.
 
 Builds the embedded tiny model (8 layers x 256) in a temporary directory, loads all its layers as one stage
@@ -19,13 +19,13 @@ import time
 
 import torch
 
-from hexgen_zmq import kernels
-from hexgen_zmq.checkpoint import ShardPlan
-from hexgen_zmq.messages import MicroBatch, NewRequest, SamplingParams, Segment
-from hexgen_zmq.model_info import read_model_info
-from hexgen_zmq.model_runner import StageModel
-from hexgen_zmq.stage_worker import StageWorker
-from hexgen_zmq.tiny_model import make_tiny_model
+from hexgen_zmq.model import kernels
+from hexgen_zmq.model.checkpoint import ShardPlan
+from hexgen_zmq.wire.messages import MicroBatch, NewRequest, SamplingParams, Segment
+from hexgen_zmq.model.info import read_model_info
+from hexgen_zmq.model.runner import StageModel
+from hexgen_zmq.stage.worker import StageWorker
+from hexgen_zmq.model.tiny import make_tiny_model
 
 
 def decode_times(worker: StageWorker, batch: int, prompt: int, steps: int, first_id: int) -> list[float]:

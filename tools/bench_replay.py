@@ -24,9 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hexgen_zmq.client import Client  # noqa: E402
-from hexgen_zmq.launcher import LocalDeployment  # noqa: E402
-from hexgen_zmq.tiny_model import make_tiny_model  # noqa: E402
+from hexgen_zmq.serving.client import Client  # noqa: E402
+from hexgen_zmq.operations.launcher import LocalDeployment  # noqa: E402
+from hexgen_zmq.model.tiny import make_tiny_model  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -28,8 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hexgen_zmq.client import Client  # noqa: E402
-from hexgen_zmq.deployment import file_version  # noqa: E402
+from hexgen_zmq.serving.client import Client  # noqa: E402
+from hexgen_zmq.operations.deployment import file_version  # noqa: E402
 from tools.site_deployment import SiteDeployment, serving  # noqa: E402
 from tools.sites import Sites, require_root  # noqa: E402
 
@@ -140,7 +140,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-sites-") as tmp:
         model = args.model
         if model is None:
-            from hexgen_zmq.tiny_model import make_tiny_model
+            from hexgen_zmq.model.tiny import make_tiny_model
 
             model = str(make_tiny_model(Path(tmp) / "tiny", num_layers=6, hidden_size=128, num_heads=8,
                                         num_kv_heads=4, intermediate_size=344, max_positions=512))

@@ -21,8 +21,8 @@ import time
 import torch
 import zmq
 
-from hexgen_zmq.messages import MicroBatch, Segment
-from hexgen_zmq.wire import decode, encode
+from hexgen_zmq.wire.messages import MicroBatch, Segment
+from hexgen_zmq.wire.codec import decode, encode
 
 SIZES = {"16 KiB": 16 * 1024, "4 MiB": 4 * 1024 * 1024}
 

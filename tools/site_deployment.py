@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from hexgen_zmq.client import Client, GenerationError
+from hexgen_zmq.serving.client import Client, GenerationError
 from tools.sites import Sites
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,7 +29,7 @@ def public_key(keys_dir: Path, name: str) -> str:
 
 def make_keys(sites: Sites, keys_dir: Path) -> None:
     """A key pair per host and one for the test client ("client"), as `hexgen-zmq keys` writes them."""
-    from hexgen_zmq.security import write_keys
+    from hexgen_zmq.wire.security import write_keys
 
     for name in [*sites.hosts, "client"]:
         if not (keys_dir / f"{name}.key_secret").exists():

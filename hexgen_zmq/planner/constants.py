@@ -52,12 +52,12 @@ MESSAGE_HEADER_BYTES = 256
 # and optimises the latency at this batch. A floor only: the simulated batch is set by memory (below).
 DEFAULT_MAX_BATCH = 16
 # The runtime admits requests as long as every stage's KV budget holds their whole life
-# (hexgen_zmq/scheduler.py), with no count limit; the planner likewise runs as many as memory holds. This
+# (hexgen_zmq/stage/scheduler.py), with no count limit; the planner likewise runs as many as memory holds. This
 # ceiling only bounds the planner's work: one micro-batch carries at most STEP_TOKEN_BUDGET tokens, so
 # beyond it a one-stage pipeline could not put every request in one step anyway.
 BATCH_CEILING = 1024
 # Tokens one micro-batch carries at most (the runtime's StageSpec.max_batch_tokens default in
-# hexgen_zmq/deployment.py): decode tokens first, then prompt chunks fill what is left (chunked prefill).
+# hexgen_zmq/operations/deployment.py): decode tokens first, then prompt chunks fill what is left (chunked prefill).
 STEP_TOKEN_BUDGET = 1024
 # Target share of requests that meet their deadline, for the report's "highest sustainable rate".
 DEFAULT_TARGET_ATTAINMENT = 0.99

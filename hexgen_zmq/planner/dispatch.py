@@ -1,6 +1,6 @@
 """The broker's dispatch policy, mirrored for the simulator (the planner does not import the runtime).
 
-`hexgen_zmq.broker_state` sends a request to the pipeline, among those whose KV budget holds it, where it
+`hexgen_zmq.serving.broker_state` sends a request to the pipeline, among those whose KV budget holds it, where it
 would get its tokens soonest: each pipeline's moving average of the time between two tokens of one request
 (`pace_s`, updated once per step's token message with weight PACE_WEIGHT), scaled by the requests it would
 then hold over the requests it held while that pace was seen; until every candidate has shown a pace, the
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-PACE_WEIGHT = 0.2  # hexgen_zmq.broker_state.PACE_WEIGHT
-BLOCK_SIZE = 16  # hexgen_zmq.block_manager.BLOCK_SIZE: KV blocks are reserved in these many tokens
+PACE_WEIGHT = 0.2  # hexgen_zmq.serving.broker_state.PACE_WEIGHT
+BLOCK_SIZE = 16  # hexgen_zmq.stage.block_manager.BLOCK_SIZE: KV blocks are reserved in these many tokens
 
 
 def blocks_for(tokens: int, block_size: int = BLOCK_SIZE) -> int:

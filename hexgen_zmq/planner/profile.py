@@ -4,7 +4,7 @@ The planner's default coefficients are datasheet figures and stated guesses (`co
 profile replaces them with what this project's own stage code measured on the host: per decoder layer, the
 time of a prompt per token at a few prompt lengths and of a decode step at a few batch sizes and contexts;
 the LM head per sampled row; the stage's fixed per-step overhead; and the goodput and latency of the links
-to named peers. Torch-free: the profiler (`hexgen_zmq.profiler`) measures, this module reads and writes.
+to named peers. Torch-free: the profiler (`hexgen_zmq.operations.profiler`) measures, this module reads and writes.
 
 Schema (every field required unless marked; unknown fields are refused, errors name the field path):
 

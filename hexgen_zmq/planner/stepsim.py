@@ -3,11 +3,11 @@
 `simulate.py` is the fast fluid model the search scores thousands of plans with; this is the slower model
 of the runtime's own mechanics, for the report's figures and for checking the fluid model:
 
-- **the broker** (`hexgen_zmq.broker_state`): a request arrives, goes to the pipeline chosen by the
+- **the broker** (`hexgen_zmq.serving.broker_state`): a request arrives, goes to the pipeline chosen by the
   broker's pace-based policy (`dispatch`, its twin) among those whose KV budget holds its whole life, or
   waits in the broker's FIFO queue, which is only looked at on the broker's tick (every `tick_s`, as
   `brokers/broker.py` does); a pipeline's pace is updated from each step's token message;
-- **the first stage** (`hexgen_zmq.scheduler`, mirrored in `_Scheduler`): admission by the KV budget,
+- **the first stage** (`hexgen_zmq.stage.scheduler`, mirrored in `_Scheduler`): admission by the KV budget,
   continuous batching with decode steps first and prompt chunks filling the rest of the step's token budget
   (`max_batch_tokens`: chunked prefill), up to one micro-batch in flight per stage, split into
   `micro_batches` shares; it forms the next micro-batch when it has finished computing the last one;
@@ -84,7 +84,7 @@ class _Request:
 
 
 class _Scheduler:
-    """hexgen_zmq.scheduler.Scheduler's policy over plain records (same order of decisions)."""
+    """hexgen_zmq.stage.scheduler.Scheduler's policy over plain records (same order of decisions)."""
 
     def __init__(self, model: PipeModel):
         self.capacity_blocks = model.capacity_blocks

@@ -47,7 +47,7 @@ def test_plan_writes_deployment_report_and_picture(tmp_path):
 
 
 def test_deployment_passes_the_runtime_loader(tmp_path):
-    deployment = pytest.importorskip("hexgen_zmq.deployment")
+    deployment = pytest.importorskip("hexgen_zmq.operations.deployment")
     for cluster in ("cluster-hexgen-full.yaml", "cluster-hexgen-half.yaml", "cluster-a100-baseline.yaml"):
         rc, out, _, _ = _plan(tmp_path, cluster, "--runtime-requests", "0")
         assert rc == 0

@@ -11,11 +11,11 @@ torch = pytest.importorskip("torch")
 
 from hexgen_zmq.cli import main  # noqa: E402
 from hexgen_zmq.planner.profile import load_profile  # noqa: E402
-from hexgen_zmq.profiler import _ProbeHandler, _ProbeServer, probe_link  # noqa: E402
+from hexgen_zmq.operations.profiler import _ProbeHandler, _ProbeServer, probe_link  # noqa: E402
 
 
 def test_profile_of_a_tiny_checkpoint(tmp_path):
-    from hexgen_zmq.tiny_model import make_tiny_model
+    from hexgen_zmq.model.tiny import make_tiny_model
 
     model = make_tiny_model(tmp_path / "tiny")
     out = tmp_path / "p.yaml"

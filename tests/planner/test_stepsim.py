@@ -77,9 +77,9 @@ def test_batching_serves_more_than_one_at_a_time():
 
 
 def test_dispatch_equals_the_brokers_policy_on_a_recorded_trace():
-    broker_state = pytest.importorskip("hexgen_zmq.broker_state")
-    from hexgen_zmq.block_manager import BLOCK_SIZE
-    from hexgen_zmq.deployment import PipelineSpec, RankSpec, StageSpec
+    broker_state = pytest.importorskip("hexgen_zmq.serving.broker_state")
+    from hexgen_zmq.stage.block_manager import BLOCK_SIZE
+    from hexgen_zmq.operations.deployment import PipelineSpec, RankSpec, StageSpec
 
     assert dispatch.PACE_WEIGHT == broker_state.PACE_WEIGHT and dispatch.BLOCK_SIZE == BLOCK_SIZE
     models = [fixed(0.008, capacity_blocks=40), fixed(0.013, capacity_blocks=40), fixed(0.02, 2, 0.004, 0.002, capacity_blocks=60)]

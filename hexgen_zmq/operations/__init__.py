@@ -1,0 +1,1 @@
+"""Operations: the deployment file, local and per-host processes, redeploys, systemd units, the demo."""

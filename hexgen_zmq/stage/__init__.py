@@ -1,0 +1,1 @@
+"""A pipeline stage: its process, its TP group, continuous batching and the KV-cache bookkeeping."""
