@@ -41,6 +41,7 @@ class RequestStats:
     tokens: int
     ok: bool = True
     error: str | None = None
+    pipeline: str | None = None  # the pipeline that served it (native client only)
 
     @property
     def tpot_s(self) -> float:
@@ -61,6 +62,8 @@ class Report:
     e2e_s: dict = field(default_factory=dict)
     slo_s: float | None = None
     slo_attainment: float | None = None
+    # per pipeline that served requests (native client): requests, ttft_s, tpot_s, e2e_s, slo_attainment
+    pipelines: dict = field(default_factory=dict)
 
 
 def parse_len(text: str) -> tuple[int, int]:
@@ -97,6 +100,13 @@ def summarize(label: str, stats: list[RequestStats], wall_s: float, slo_s: float
     if slo_s is not None:
         report.slo_s = slo_s
         report.slo_attainment = sum(1 for s in ok if s.total_s <= slo_s) / max(1, len(stats))
+    for pipeline in sorted({s.pipeline for s in ok if s.pipeline is not None}):
+        served = [s for s in ok if s.pipeline == pipeline]
+        report.pipelines[pipeline] = {
+            "requests": len(served), "ttft_s": percentiles([s.ttft_s for s in served]),
+            "tpot_s": percentiles([s.tpot_s for s in served if s.tokens > 1]),
+            "e2e_s": percentiles([s.total_s for s in served]),
+            "slo_attainment": None if slo_s is None else sum(1 for s in served if s.total_s <= slo_s) / len(served)}
     return report
 
 
@@ -117,7 +127,7 @@ async def run_load(address: str, workload: Workload, concurrency: int | None, ra
             try:
                 result = await client.generate(prompt_ids=workload.prompts[i], max_new_tokens=workload.output_lens[i],
                                                ignore_eos=ignore_eos)
-                stats[i] = RequestStats(result.ttft_s, result.total_s, len(result.token_ids))
+                stats[i] = RequestStats(result.ttft_s, result.total_s, len(result.token_ids), pipeline=result.pipeline)
             except GenerationError as exc:
                 stats[i] = RequestStats(0.0, time.perf_counter() - start, 0, False, str(exc))
             if progress:
@@ -196,16 +206,27 @@ async def run_http_load(url: str, workload: Workload, concurrency: int | None, r
     return [s for s in stats if s is not None], wall
 
 
+def arrival_offsets(n: int, rate: float, seed: int) -> list[float]:
+    """When the open loop sends requests 0..n-1 (seconds after the first): Poisson arrivals at `rate`.
+    The same offsets for the same (n, rate, seed), so a model can be fed the very trace a run sends."""
+    rng = random.Random(seed + 1)
+    offsets, at = [], 0.0
+    for _ in range(n):
+        offsets.append(at)
+        at += rng.expovariate(rate)
+    return offsets
+
+
 async def _drive(one, n: int, concurrency: int | None, rate: float | None, seed: int) -> float:
     """Closed loop (`concurrency` workers) or open loop (Poisson arrivals at `rate`) over requests 0..n-1;
-    returns the wall seconds it took."""
+    returns the wall seconds it took. The open loop sends each request at its offset from the start (not
+    a gap after the previous send), so a busy event loop delays a send but does not slow the whole trace."""
     start = time.perf_counter()
     if rate:
-        rng = random.Random(seed + 1)
         tasks = []
-        for i in range(n):
+        for i, offset in enumerate(arrival_offsets(n, rate, seed)):
+            await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
             tasks.append(asyncio.create_task(one(i)))
-            await asyncio.sleep(rng.expovariate(rate))
         await asyncio.gather(*tasks)
     else:
         queue = iter(range(n))
@@ -276,6 +297,11 @@ def print_reports(console: Console, reports: list[Report]) -> None:
         slo = f"{r.slo_attainment:.1%} <= {r.slo_s:g}s" if r.slo_attainment is not None else "-"
         table.add_row(r.label, str(r.requests), str(r.failed), str(r.output_tokens), f"{r.tokens_per_s:.0f}",
                       f"{r.requests_per_s:.2f}", ms(r.ttft_s), ms(r.tpot_s), sec(r.e2e_s), slo)
+        if len(r.pipelines) > 1:  # which pipeline served what, when there is a choice
+            for pipeline, f in r.pipelines.items():
+                share = f"{f['slo_attainment']:.1%}" if f["slo_attainment"] is not None else "-"
+                table.add_row(f"  served by {pipeline}", str(f["requests"]), "", "", "", "", ms(f["ttft_s"]),
+                              ms(f["tpot_s"]), sec(f["e2e_s"]), share)
     console.print(table)
 
 
