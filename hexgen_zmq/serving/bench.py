@@ -139,12 +139,15 @@ async def run_load(address: str, workload: Workload, concurrency: int | None, ra
 
 async def run_http_load(url: str, workload: Workload, concurrency: int | None, rate: float | None, seed: int,
                         ignore_eos: bool, api_key: str | None = None, progress: Progress | None = None,
-                        stream: bool = True) -> tuple[list[RequestStats], float]:
+                        stream: bool = True, fresh_connections: bool = False) -> tuple[list[RequestStats], float]:
     """The same workload through a gateway's /v1/completions (prompt as token ids, greedy), streamed as
     OpenAI clients do, or with `stream=False` one JSON answer per request (then no time to first token);
     the tokens counted are the usage the gateway reports. aiohttp, as vLLM's serving benchmark uses: its C
     parser keeps the load generator's own cost per token low, and a stream's events after the first are read
-    at its end (in aiohttp's buffer meanwhile), so the load generator does no Python per streamed token."""
+    at its end (in aiohttp's buffer meanwhile), so the load generator does no Python per streamed token.
+    `fresh_connections`: a new connection per request (as vLLM's benchmark, a session per request), for
+    servers that close a kept-alive connection just after a stream ends (llama.cpp's), where a reused one
+    fails with 'Server disconnected'."""
     import aiohttp
 
     n = len(workload.prompts)
@@ -152,7 +155,7 @@ async def run_http_load(url: str, workload: Workload, concurrency: int | None, r
     task = progress.add_task("requests over HTTP", total=n) if progress else None
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     endpoint = url.rstrip("/") + "/v1/completions"
-    connector = aiohttp.TCPConnector(limit=(concurrency or n) + 4, ssl=False)
+    connector = aiohttp.TCPConnector(limit=(concurrency or n) + 4, ssl=False, force_close=fresh_connections)
     async with aiohttp.ClientSession(headers=headers, connector=connector,
                                      timeout=aiohttp.ClientTimeout(total=600)) as http:
         async def request(prompt: list[int], max_tokens: int) -> RequestStats:
