@@ -71,6 +71,11 @@ REPORT_REQUESTS = 2000
 # How often the broker looks at its queue of requests that no pipeline's KV budget could take yet
 # (brokers/broker.py TICK_S: queued requests are dispatched on the tick, not when one finishes).
 BROKER_TICK_S = 0.05
+# A CPU stage's KV budget, as the runtime sets it without kv_cache_tokens (hexgen_zmq/stage/process.py
+# kv_blocks): CPU_KV_BYTES of cache, at most KV_MAX_CONTEXTS of the model's longest context. Not the host's
+# memory: a plan's figures for a CPU host must hold as many requests as its stages will.
+CPU_KV_BYTES = 1 << 30
+KV_MAX_CONTEXTS = 64
 # Requests of the step-level runtime simulation behind the report's second set of figures (stepsim.py).
 RUNTIME_REQUESTS = 2000
 # Relative precision of the bisection for the highest sustainable rate.

@@ -21,6 +21,7 @@ class ModelSpec:
     vocab_size: int
     head_dim: int
     tie_word_embeddings: bool = False
+    max_positions: int | None = None  # the longest context (max_position_embeddings), where known
 
     # --- parameters (elements) -------------------------------------------------------------------------
     @property
@@ -110,6 +111,7 @@ def model_from_config(config: dict, name: str = "model") -> ModelSpec:
             vocab_size=int(config["vocab_size"]),
             head_dim=int(config.get("head_dim") or hidden // heads),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            max_positions=int(config["max_position_embeddings"]) if config.get("max_position_embeddings") else None,
         )
     except KeyError as exc:
         raise ValueError(f"model config: missing field {exc.args[0]}") from exc

@@ -56,6 +56,8 @@ class StepSimResult:
     tpot: list[float]  # (last - first token) / (output tokens - 1); 0 for one-token outputs
     pipeline: list[int]  # where each request ran
     decisions: list[tuple] = field(default_factory=list)  # with record=True: the dispatch trace
+    busy_s: list[list[float]] = field(default_factory=list)  # per pipeline, per stage: seconds computing
+    steps: list[list[int]] = field(default_factory=list)  # per pipeline, per stage: micro-batches computed
 
     def attainment(self, slo: float) -> float:
         return sum(1 for x in self.latencies if x <= slo) / len(self.latencies) if self.latencies else 0.0
@@ -200,6 +202,8 @@ def simulate_steps(models: list[PipeModel], requests: list[tuple[float, int, int
     if not models:
         return result
     pipes = [_Pipe(m) for m in models]
+    result.busy_s = [[0.0] * m.stages for m in models]
+    result.steps = [[0] * m.stages for m in models]
     paces = [PaceState(m.capacity_blocks) for m in models]
     queue: deque[int] = deque()
     first_at: list[float] = [math.inf] * n
@@ -241,7 +245,7 @@ def simulate_steps(models: list[PipeModel], requests: list[tuple[float, int, int
         pipe.first_busy = True
         formed = (*formed, _batch_shape(formed[1]))
         decode, prompt, _ = formed[2]
-        push(now + pipe.model.stage_time(0, decode, prompt), DONE, k, 0, formed)
+        push(now + compute(k, 0, decode, prompt), DONE, k, 0, formed)
 
     def start_stage(k: int, i: int, now: float) -> None:
         pipe = pipes[k]
@@ -250,7 +254,13 @@ def simulate_steps(models: list[PipeModel], requests: list[tuple[float, int, int
         formed = pipe.queues[i].popleft()
         pipe.busy[i] = True
         decode, prompt, _ = formed[2]
-        push(now + pipe.model.stage_time(i, decode, prompt), DONE, k, i, formed)
+        push(now + compute(k, i, decode, prompt), DONE, k, i, formed)
+
+    def compute(k: int, i: int, decode: int, prompt: int) -> float:
+        t = models[k].stage_time(i, decode, prompt)
+        result.busy_s[k][i] += t
+        result.steps[k][i] += 1
+        return t
 
     ARRIVE, TICK, SUBMIT, DONE, HOP, FEEDBACK, TOKENS = range(7)
     for rid, (at, _, _) in enumerate(requests):
@@ -375,14 +385,22 @@ def pipe_model(cm, pipeline, batching: bool = True, broker_host: int = 0) -> Pip
 
 
 def kv_budget_blocks(cm, st, first: bool, last: bool) -> int:
-    """KV blocks one stage's memory holds after its weights and fixed workspace (the runtime derives its
-    budget from free memory in the same way)."""
+    """KV blocks one stage holds, as the runtime sets its budget (hexgen_zmq/stage/process.py kv_blocks): on
+    a GPU, the memory left after its weights and fixed workspace; on a CPU, a fixed CPU_KV_BYTES of cache (not
+    the host's memory), at most KV_MAX_CONTEXTS of the model's longest context."""
     m, w = cm.model, cm.workload
     gpu = cm.cluster.slots[st.slot].gpu
+    per_token = st.layers * m.kv_elements_per_token_layer(st.tp) * w.dtype_bytes
+    if not per_token:
+        return 1 << 30
+    if gpu.kind == "cpu":
+        tokens = max(BLOCK_SIZE, C.CPU_KV_BYTES // per_token)
+        if m.max_positions:
+            tokens = min(tokens, C.KV_MAX_CONTEXTS * m.max_positions)
+        return max(1, tokens // BLOCK_SIZE)
     weights = st.layers * m.layer_params / st.tp * w.dtype_bytes
     free = cm.usable_bytes(gpu) - cm.fixed_bytes(st.tp, first, last) - weights
-    per_token = st.layers * m.kv_elements_per_token_layer(st.tp) * w.dtype_bytes
-    return max(0, int(free // per_token) // BLOCK_SIZE) if per_token else 1 << 30
+    return max(0, int(free // per_token) // BLOCK_SIZE)
 
 
 @dataclass(frozen=True, slots=True)

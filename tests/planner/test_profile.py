@@ -158,3 +158,19 @@ def test_a_cpu_host_is_planned_like_any_other(tmp_path):
     data = deployment_dict(outcome, "/models/tiny", "float32")
     devices = {r["device"] for p in data["pipelines"] for s in p["stages"] for r in s["ranks"]}
     assert devices == {"cpu"}
+
+
+def test_a_cpu_stage_holds_the_kv_budget_the_runtime_gives_it(tmp_path):
+    """The runtime gives a CPU stage 1 GiB of KV cache (at most 64 longest contexts), whatever the host's
+    memory: the model's budget is the same, so a plan holds as many requests at once as its stages will."""
+    from hexgen_zmq.planner.plan import Stage
+    from hexgen_zmq.planner.stepsim import kv_budget_blocks
+
+    cluster = load_cluster(cluster_file(tmp_path))
+    cm = CostModel(cluster, MODEL, Workload(48, 32, 2.0, 5.0, dtype="float32"))
+    per_token = 8 * 2 * 4 * 32 * 4  # layers x (K, V) x KV heads x head_dim x float32
+    assert kv_budget_blocks(cm, Stage(0, 1, 0, 8), True, True) == (1 << 30) // per_token // 16
+    capped = CostModel(cluster, ModelSpec("tiny", 256, 688, 8, 8, 4, 499, 32, max_positions=256),
+                       Workload(48, 32, 2.0, 5.0, dtype="float32"))
+    assert kv_budget_blocks(capped, Stage(0, 1, 0, 8), True, True) == 64 * 256 // 16
+    assert kv_budget_blocks(cm, Stage(0, 1, 0, 4), True, False) == 2 * (1 << 30) // per_token // 16  # half the layers

@@ -34,6 +34,9 @@ def test_a_lone_request_crosses_every_stage_and_hop_once_per_token():
     step = 0.01 + 0.005 + 0.02 + 0.001  # the decode loop: stage 0, hop, stage 1, back to stage 0
     assert math.isclose(r.ttft[0], prefill) and math.isclose(r.latencies[0], prefill + 4 * step)
     assert math.isclose(r.tpot[0], step)
+    # each stage computed the prompt once and 4 decode steps: the busy time the runtime's counters report
+    assert r.steps == [[5, 5]]
+    assert math.isclose(r.busy_s[0][0], 0.03 + 4 * 0.01) and math.isclose(r.busy_s[0][1], 0.06 + 4 * 0.02)
 
 
 def test_long_prompts_are_chunked_by_the_step_token_budget():
