@@ -1,4 +1,5 @@
-"""The C decode-attention kernel against the torch path it replaces: same attention, from the pool in place."""
+"""The C kernels against the torch path they replace, in float32 and bfloat16: same attention, from the pool in
+place, and the same small per-layer ops (bfloat16 rounded where torch's bfloat16 ops round)."""
 
 from __future__ import annotations
 
@@ -35,24 +36,31 @@ def reference(q, k_pool, v_pool, gather, lengths, rows, scale):
     return out
 
 
+DTYPES = [torch.float32, torch.bfloat16]
+TOLERANCE = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-2}}
+
+
 @needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 4, 32), (9, 3, 64), (16, 2, 128), (4, 4, 24), (6, 1, 8)])
-def test_decode_attention_matches_sdpa(heads, kv_heads, head_dim):
+def test_decode_attention_matches_sdpa(heads, kv_heads, head_dim, dtype):
     gen = torch.Generator().manual_seed(heads * 100 + head_dim)
     slots, tokens = 300, 7
-    k_pool = torch.randn(slots, kv_heads, head_dim, generator=gen)
-    v_pool = torch.randn(slots, kv_heads, head_dim, generator=gen)
-    q = torch.randn(tokens, heads, head_dim, generator=gen).transpose(0, 1)  # [H, T, D], not contiguous
+    k_pool = torch.randn(slots, kv_heads, head_dim, generator=gen).to(dtype)
+    v_pool = torch.randn(slots, kv_heads, head_dim, generator=gen).to(dtype)
+    q = torch.randn(tokens, heads, head_dim, generator=gen).to(dtype).transpose(0, 1)  # [H, T, D], not contiguous
     lengths = torch.tensor([1, 37, 5, 64])
     gather = torch.full((4, 64), slots - 1, dtype=torch.long)  # padding points at a real slot: must be ignored
     for b, n in enumerate(lengths.tolist()):
         gather[b, :n] = torch.randperm(slots - 1, generator=gen)[:n]
     rows = torch.tensor([6, 0, 3, 2])  # decode rows among prompt rows, out of order
-    out = torch.full((tokens, heads, head_dim), 7.0)
+    out = torch.full((tokens, heads, head_dim), 7.0, dtype=dtype)
     scale = head_dim**-0.5
     kernels.decode_attention(q, k_pool, v_pool, kernels.DecodeIndex(gather, lengths, rows), out, scale)
-    for row, expected in reference(q, k_pool, v_pool, gather, lengths, rows, scale).items():
-        torch.testing.assert_close(out[row], expected, rtol=1e-5, atol=1e-5)
+    # the reference attends in float32 over the same (bfloat16) values: the kernel rounds only its output
+    expected = reference(q.float(), k_pool.float(), v_pool.float(), gather, lengths, rows, scale)
+    for row, value in expected.items():
+        torch.testing.assert_close(out[row], value.to(dtype), **TOLERANCE[dtype])
     untouched = [t for t in range(tokens) if t not in rows.tolist()]
     assert torch.all(out[untouched] == 7.0)  # rows of other segments are left to the prompt path
 
@@ -63,7 +71,8 @@ def test_decode_attention_rejects_what_it_cannot_run():
     q, out = torch.zeros(4, 1, 8), torch.zeros(1, 4, 8)
     gather, lengths, rows = torch.zeros(1, 3, dtype=torch.long), torch.tensor([3]), torch.tensor([0])
     bad = {
-        "float32": (q.half(), kernels.DecodeIndex(gather, lengths, rows)),
+        "float32 or bfloat16": (q.half(), kernels.DecodeIndex(gather, lengths, rows)),
+        "like q": (q.bfloat16(), kernels.DecodeIndex(gather, lengths, rows)),  # a float32 pool
         "out of range": (q, kernels.DecodeIndex(gather, torch.tensor([4]), rows)),
         "out of range ": (q, kernels.DecodeIndex(gather, lengths, torch.tensor([1]))),
         "slot is out of range": (q, kernels.DecodeIndex(torch.full((1, 3), -1), lengths, rows)),
@@ -76,8 +85,10 @@ def test_decode_attention_rejects_what_it_cannot_run():
 
 
 @needs_kernel
-def test_stage_steps_agree_with_and_without_kernel(tiny_model, monkeypatch):
-    """Whole-stage forward over mixed micro-batches (prompt chunks beside decode steps): same logits."""
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stage_steps_agree_with_and_without_kernel(tiny_model, monkeypatch, dtype):
+    """Whole-stage forward over mixed micro-batches (prompt chunks beside decode steps): same hidden states
+    (bfloat16: within its rounding, compounded over the layers)."""
     from hexgen_zmq.model.checkpoint import ShardPlan
     from hexgen_zmq.model.info import read_model_info
     from hexgen_zmq.model.runner import StageModel
@@ -87,7 +98,7 @@ def test_stage_steps_agree_with_and_without_kernel(tiny_model, monkeypatch):
     gen = torch.Generator().manual_seed(0)
 
     def run() -> list[torch.Tensor]:  # loads the stage afresh: it decides on the kernels when it loads
-        model = StageModel(info, (0, info.num_layers), first=True, last=False, dtype=torch.float32,
+        model = StageModel(info, (0, info.num_layers), first=True, last=False, dtype=dtype,
                            device=torch.device("cpu"), shard=ShardPlan.make(info, 0, 1))
         assert all(layer.fast == kernels.enabled() for layer in model.layers)
         worker = StageWorker(model, 64, 16)
@@ -110,7 +121,11 @@ def test_stage_steps_agree_with_and_without_kernel(tiny_model, monkeypatch):
     gen.manual_seed(0)
     without = run()
     for a, b in zip(with_kernel, without):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # float32 rounding order differs (FMA, exp)
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # float32 rounding order differs (FMA, exp)
+        else:  # a bfloat16 ulp here and there, carried through six layers
+            assert a.dtype == b.dtype == torch.bfloat16
+            assert float((a.float() - b.float()).norm() / b.float().norm()) < 2e-2
 
 
 def test_packed_linear_pads_to_few_row_counts_and_matches_linear():
@@ -132,21 +147,44 @@ def test_packed_linear_pads_to_few_row_counts_and_matches_linear():
         torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-5)
 
 
+def test_bfloat16_linears_are_packed_where_onednn_has_bf16_dot_products():
+    from torch import nn
+
+    from hexgen_zmq.model.kernels import PackedLinear, packing_usable
+
+    usable = packing_usable(torch.device("cpu"), torch.bfloat16)
+    assert usable == (kernels.switched_on() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if not usable:
+        pytest.skip("no bfloat16 dot products in oneDNN on this CPU")
+    linear = nn.Linear(64, 40, dtype=torch.bfloat16)
+    packed = PackedLinear(linear)
+    with torch.inference_mode():
+        for rows in (1, 16, 70):
+            x = torch.randn(rows, 64).to(torch.bfloat16)
+            out = packed(x)
+            assert out.dtype == torch.bfloat16
+            torch.testing.assert_close(out, linear(x))  # both accumulate in float32; bfloat16 tolerance
+
+
 @needs_kernel
-def test_layer_ops_match_their_torch_versions():
-    """RMSNorm, silu(gate) * up and the rotary embedding with the KV write: C against the torch fallback."""
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_ops_match_their_torch_versions(dtype):
+    """RMSNorm, silu(gate) * up and the rotary embedding with the KV write: C against the torch fallback, in
+    the dtype of the stage (bfloat16: the same roundings as torch's, so at most an ulp from exp or sqrt)."""
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(7, 40, generator=gen)[:, :36]  # rows with a gap between them
-    weight = torch.randn(36, generator=gen)
-    torch.testing.assert_close(kernels.rms_norm(x, weight, 1e-6, True), kernels.rms_norm(x, weight, 1e-6, False))
-    gate_up = torch.randn(5, 2 * 44, generator=gen) * 30  # large values: the exp's clamping matters
+    x = torch.randn(7, 40, generator=gen).to(dtype)[:, :36]  # rows with a gap between them
+    weight = torch.randn(36, generator=gen).to(dtype)
+    fast = kernels.rms_norm(x, weight, 1e-6, True)
+    assert fast.dtype == dtype
+    torch.testing.assert_close(fast, kernels.rms_norm(x, weight, 1e-6, False))
+    gate_up = (torch.randn(5, 2 * 44, generator=gen) * 30).to(dtype)  # large values: the exp's clamping matters
     torch.testing.assert_close(kernels.silu_mul(gate_up, True), kernels.silu_mul(gate_up, False))
     tokens, q_heads, kv_heads, head_dim, slots = 6, 4, 2, 16, 40
-    qkv = torch.randn(tokens, q_heads + 2 * kv_heads, head_dim, generator=gen)
+    qkv = torch.randn(tokens, q_heads + 2 * kv_heads, head_dim, generator=gen).to(dtype)
     angles = torch.randn(tokens, 1, head_dim, generator=gen)
-    cos, sin = angles.cos(), angles.sin()
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
     where = torch.randperm(slots, generator=gen)[:tokens]
-    pools = {fast: (torch.zeros(slots, kv_heads, head_dim), torch.zeros(slots, kv_heads, head_dim))
+    pools = {fast: (torch.zeros(slots, kv_heads, head_dim, dtype=dtype), torch.zeros(slots, kv_heads, head_dim, dtype=dtype))
              for fast in (True, False)}
     q = {fast: kernels.rope_store(qkv, q_heads, kv_heads, cos, sin, *pools[fast], where, fast)
          for fast in (True, False)}

@@ -1,6 +1,6 @@
-/* CPU fast paths of a float32 stage: paged decode attention, and the small per-layer ops around the matrix
- * products (RMSNorm, silu(gate) * up, rotary embedding with the KV-cache write), each one pass over its rows
- * instead of several torch ops.
+/* CPU fast paths of a float32 or bfloat16 stage: paged decode attention, and the small per-layer ops around
+ * the matrix products (RMSNorm, silu(gate) * up, rotary embedding with the KV-cache write), each one pass over
+ * its rows instead of several torch ops.
  *
  * Paged decode attention: one query token per request attends to its cached keys and values
  * straight from the KV pool, through its slot table, without gathering them into a padded copy first.
@@ -10,8 +10,14 @@
  * reads the copy again; here each request's cache rows are read once, in slot order. Built as an optional
  * extension: where it is missing the stage uses the torch path (hexgen_zmq.model.kernels says which).
  *
- * float32 only. The caller (hexgen_zmq/model/kernels.py) checks dtypes, shapes and strides; every slot index
- * comes from the stage's own block manager, never from a peer. The GIL is released while it runs.
+ * Each kernel has one body, written over `ld`/`st`/`rnd` with a constant `bf`: 0 for float32 buffers, 1 for
+ * bfloat16 ones (uint16 bit patterns). bfloat16 values are widened to float32, computed in float32, and
+ * rounded back (to nearest even) where torch's bfloat16 ops round: after each elementwise op of RMSNorm,
+ * silu * up and the rotary embedding, so that those match torch's bfloat16 results; attention accumulates in
+ * float32 and rounds its output once, as torch's flash attention on a CPU does.
+ *
+ * The caller (hexgen_zmq/model/kernels.py) checks dtypes, shapes and strides; every slot index comes from the
+ * stage's own block manager, never from a peer. The GIL is released while it runs.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -25,9 +31,36 @@
 #define MULTIVERSION
 #endif
 
-static inline float dot(const float *a, const float *b, int64_t n) {
+#define INLINE static inline __attribute__((always_inline))
+
+/* bfloat16 <-> float32: a bfloat16 is the top half of a float32's bits. Rounding is to nearest even; a NaN
+ * stays a (quiet) NaN. */
+INLINE float bf16_to_f32(uint16_t h) {
+    union { uint32_t u; float f; } v = {.u = (uint32_t)h << 16};
+    return v.f;
+}
+
+INLINE uint16_t f32_to_bf16(float f) {
+    union { float f; uint32_t u; } v = {.f = f};
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40u);
+    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+/* Element i of a buffer of float32 (bf = 0) or bfloat16 (bf = 1); `rnd` rounds to what that dtype holds. */
+INLINE float ld(const void *p, int64_t i, const int bf) {
+    return bf ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+INLINE void st(void *p, int64_t i, float x, const int bf) {
+    if (bf) ((uint16_t *)p)[i] = f32_to_bf16(x);
+    else ((float *)p)[i] = x;
+}
+
+INLINE float rnd(float x, const int bf) { return bf ? bf16_to_f32(f32_to_bf16(x)) : x; }
+
+INLINE float dot(const void *a, int64_t a_off, const void *b, int64_t b_off, int64_t n, const int bf) {
     float s = 0.0f;
-    for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
+    for (int64_t i = 0; i < n; i++) s += ld(a, a_off + i, bf) * ld(b, b_off + i, bf);
     return s;
 }
 
@@ -50,21 +83,21 @@ static inline float exp_clamped(float x) {
     return p * scale.f;
 }
 
-/* One request: its query row qt (heads of q_stride_h floats apart) attends to the `len` cache rows at slots
- * sl[0..len) and writes out_row. Inlined with head_dim a constant (32, 64, 128) so the compiler unrolls the
- * per-head loops into whole vector registers. */
-static inline __attribute__((always_inline)) void attend_one(
-        const float *qt, int64_t q_stride_h, const float *k_pool, const float *v_pool, const int64_t *sl,
-        int64_t len, float *out_row, int64_t heads, int64_t kv_heads, const int64_t head_dim, float scale,
-        float *scratch) {
+/* One request: its query row (heads q_stride_h elements apart, from element q_off of q) attends to the `len`
+ * cache rows at slots sl[0..len) and writes its output row at element out_off of out. Inlined with head_dim
+ * a constant (32, 64, 128) so the compiler unrolls the per-head loops into whole vector registers. */
+INLINE void attend_one(const void *q, int64_t q_off, int64_t q_stride_h, const void *k_pool, const void *v_pool,
+                       const int64_t *sl, int64_t len, void *out, int64_t out_off, int64_t heads, int64_t kv_heads,
+                       const int64_t head_dim, float scale, float *scratch, const int bf) {
     const int64_t group = heads / kv_heads;
     const int64_t row_stride = kv_heads * head_dim;
     float *scores = scratch;            /* [heads, len] */
     float *acc = scratch + heads * len; /* [heads, head_dim] */
     for (int64_t l = 0; l < len; l++) { /* one pass over the keys: each row serves every head */
-        const float *krow = k_pool + sl[l] * row_stride;
+        const int64_t krow = sl[l] * row_stride;
         for (int64_t h = 0; h < heads; h++)
-            scores[h * len + l] = dot(qt + h * q_stride_h, krow + (h / group) * head_dim, head_dim) * scale;
+            scores[h * len + l] =
+                dot(q, q_off + h * q_stride_h, k_pool, krow + (h / group) * head_dim, head_dim, bf) * scale;
     }
     for (int64_t h = 0; h < heads; h++) {
         float *sh = scores + h * len, top = -INFINITY, sum = 0.0f;
@@ -78,31 +111,29 @@ static inline __attribute__((always_inline)) void attend_one(
     }
     memset(acc, 0, sizeof(float) * heads * head_dim);
     for (int64_t l = 0; l < len; l++) { /* one pass over the values */
-        const float *vrow = v_pool + sl[l] * row_stride;
+        const int64_t vrow = sl[l] * row_stride;
         for (int64_t h = 0; h < heads; h++) {
             const float p = scores[h * len + l];
-            const float *vp = vrow + (h / group) * head_dim;
+            const int64_t vp = vrow + (h / group) * head_dim;
             float *ah = acc + h * head_dim;
-            for (int64_t d = 0; d < head_dim; d++) ah[d] += p * vp[d];
+            for (int64_t d = 0; d < head_dim; d++) ah[d] += p * ld(v_pool, vp + d, bf);
         }
     }
-    memcpy(out_row, acc, sizeof(float) * heads * head_dim);
+    for (int64_t i = 0; i < heads * head_dim; i++) st(out, out_off + i, acc[i], bf);
 }
 
-/* q[t, h, :] at q + t * q_stride_t + h * q_stride_h; pools are [slots, kv_heads, head_dim] contiguous;
- * request b reads slots[b * slots_stride + l] for l < lengths[b] and writes out[rows[b], h, :] (a row of
- * out holds all heads contiguously). scratch holds heads * (max length + head_dim) floats. */
-MULTIVERSION
-static void decode_attention(const float *q, int64_t q_stride_t, int64_t q_stride_h, const float *k_pool,
-                             const float *v_pool, const int64_t *slots, int64_t slots_stride,
-                             const int64_t *lengths, const int64_t *rows, float *out, int64_t out_stride_t,
-                             int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim, float scale,
-                             float *scratch) {
+/* q[t, h, :] at element t * q_stride_t + h * q_stride_h of q; pools are [slots, kv_heads, head_dim]
+ * contiguous; request b reads slots[b * slots_stride + l] for l < lengths[b] and writes out[rows[b], h, :]
+ * (a row of out holds all heads contiguously). scratch holds heads * (max length + head_dim) floats. */
+INLINE void decode_attention_body(const void *q, int64_t q_stride_t, int64_t q_stride_h, const void *k_pool,
+                                  const void *v_pool, const int64_t *slots, int64_t slots_stride,
+                                  const int64_t *lengths, const int64_t *rows, void *out, int64_t out_stride_t,
+                                  int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim, float scale,
+                                  float *scratch, const int bf) {
     for (int64_t b = 0; b < batch; b++) {
-        const float *qt = q + rows[b] * q_stride_t;
         const int64_t *sl = slots + b * slots_stride;
-        float *out_row = out + rows[b] * out_stride_t;
-#define ATTEND(D) attend_one(qt, q_stride_h, k_pool, v_pool, sl, lengths[b], out_row, heads, kv_heads, D, scale, scratch)
+#define ATTEND(D) attend_one(q, rows[b] * q_stride_t, q_stride_h, k_pool, v_pool, sl, lengths[b], out, \
+                             rows[b] * out_stride_t, heads, kv_heads, D, scale, scratch, bf)
         switch (head_dim) {
             case 32: ATTEND(32); break;
             case 64: ATTEND(64); break;
@@ -113,61 +144,90 @@ static void decode_attention(const float *q, int64_t q_stride_t, int64_t q_strid
     }
 }
 
-/* out[r, :] = w * (x[r, :] / sqrt(mean(x[r, :]^2) + eps)), transformers' RMSNorm in float32. */
-MULTIVERSION
-static void rms_norm(const float *x, int64_t rows, int64_t dim, int64_t x_stride, const float *w, float eps,
-                     float *out) {
+/* out[r, :] = w * (x[r, :] / sqrt(mean(x[r, :]^2) + eps)), transformers' RMSNorm: in float32, and in
+ * bfloat16 with the normalised row rounded before the weight multiplies it. */
+INLINE void rms_norm_body(const void *x, int64_t rows, int64_t dim, int64_t x_stride, const void *w, float eps,
+                          void *out, const int bf) {
     for (int64_t r = 0; r < rows; r++) {
-        const float *xr = x + r * x_stride;
-        float *o = out + r * dim, squares = 0.0f;
-        for (int64_t i = 0; i < dim; i++) squares += xr[i] * xr[i];
+        const int64_t xr = r * x_stride, o = r * dim;
+        float squares = 0.0f;
+        for (int64_t i = 0; i < dim; i++) squares += ld(x, xr + i, bf) * ld(x, xr + i, bf);
         const float inv = 1.0f / sqrtf(squares / (float)dim + eps);
-        for (int64_t i = 0; i < dim; i++) o[i] = w[i] * (xr[i] * inv);
+        for (int64_t i = 0; i < dim; i++) st(out, o + i, ld(w, i, bf) * rnd(ld(x, xr + i, bf) * inv, bf), bf);
     }
 }
 
 /* out[r, i] = silu(gu[r, i]) * gu[r, inter + i]: the gate and up halves of a fused gate/up projection. */
-MULTIVERSION
-static void silu_mul(const float *gu, int64_t rows, int64_t inter, int64_t gu_stride, float *out) {
+INLINE void silu_mul_body(const void *gu, int64_t rows, int64_t inter, int64_t gu_stride, void *out, const int bf) {
     for (int64_t r = 0; r < rows; r++) {
-        const float *g = gu + r * gu_stride, *u = g + inter;
-        float *o = out + r * inter;
-        for (int64_t i = 0; i < inter; i++) o[i] = g[i] / (1.0f + exp_clamped(-g[i])) * u[i];
+        const int64_t g = r * gu_stride, u = g + inter, o = r * inter;
+        for (int64_t i = 0; i < inter; i++) {
+            const float gate = ld(gu, g + i, bf);
+            st(out, o + i, rnd(gate / (1.0f + exp_clamped(-gate)), bf) * ld(gu, u + i, bf), bf);
+        }
     }
 }
 
-/* y = x * cos + rotate_half(x) * sin over one head, rotate_half(x) = (-x[half:], x[:half]). */
-static inline void rotate_into(const float *x, const float *c, const float *s, float *y, int64_t half) {
-    for (int64_t i = 0; i < half; i++) y[i] = x[i] * c[i] - x[i + half] * s[i];
-    for (int64_t i = 0; i < half; i++) y[i + half] = x[i + half] * c[i + half] + x[i] * s[i + half];
+/* y = x * cos + rotate_half(x) * sin over one head, rotate_half(x) = (-x[half:], x[:half]); each product
+ * rounded in bfloat16 before the sum, as torch's bfloat16 ops do. */
+INLINE void rotate_into(const void *x, int64_t xo, const void *c, const void *s, int64_t cs, void *y, int64_t yo,
+                        int64_t half, const int bf) {
+    for (int64_t i = 0; i < half; i++)
+        st(y, yo + i, rnd(ld(x, xo + i, bf) * ld(c, cs + i, bf), bf) -
+                      rnd(ld(x, xo + i + half, bf) * ld(s, cs + i, bf), bf), bf);
+    for (int64_t i = 0; i < half; i++)
+        st(y, yo + i + half, rnd(ld(x, xo + i + half, bf) * ld(c, cs + i + half, bf), bf) +
+                             rnd(ld(x, xo + i, bf) * ld(s, cs + i + half, bf), bf), bf);
 }
 
-/* qkv [tokens, q_heads + 2 kv_heads, D] (rows qkv_stride floats apart), cos and sin [tokens, D]: rotates the
- * q heads into q_out [tokens, q_heads, D], and writes each token's rotated k heads and its v heads into the
- * pools' slot slots[t] ([slots, kv_heads, D] each). */
-MULTIVERSION
-static void rope_store(const float *qkv, int64_t tokens, int64_t qkv_stride, int64_t q_heads, int64_t kv_heads,
-                       int64_t head_dim, const float *cos, const float *sin, float *k_pool, float *v_pool,
-                       const int64_t *slots, float *q_out) {
-    const int64_t half = head_dim / 2, kv_row = kv_heads * head_dim;
+/* qkv [tokens, q_heads + 2 kv_heads, D] (rows qkv_stride elements apart), cos and sin [tokens, D]: rotates
+ * the q heads into q_out [tokens, q_heads, D], and writes each token's rotated k heads and its v heads into
+ * the pools' slot slots[t] ([slots, kv_heads, D] each). */
+INLINE void rope_store_body(const void *qkv, int64_t tokens, int64_t qkv_stride, int64_t q_heads, int64_t kv_heads,
+                            int64_t head_dim, const void *cos, const void *sin, void *k_pool, void *v_pool,
+                            const int64_t *slots, void *q_out, const int bf) {
+    const int64_t half = head_dim / 2, kv_row = kv_heads * head_dim, size = bf ? 2 : 4;
     for (int64_t t = 0; t < tokens; t++) {
-        const float *row = qkv + t * qkv_stride, *c = cos + t * head_dim, *s = sin + t * head_dim;
+        const int64_t row = t * qkv_stride, cs = t * head_dim;
         for (int64_t h = 0; h < q_heads; h++)
-            rotate_into(row + h * head_dim, c, s, q_out + (t * q_heads + h) * head_dim, half);
-        float *k = k_pool + slots[t] * kv_row;
+            rotate_into(qkv, row + h * head_dim, cos, sin, cs, q_out, (t * q_heads + h) * head_dim, half, bf);
         for (int64_t g = 0; g < kv_heads; g++)
-            rotate_into(row + (q_heads + g) * head_dim, c, s, k + g * head_dim, half);
-        memcpy(v_pool + slots[t] * kv_row, row + (q_heads + kv_heads) * head_dim, sizeof(float) * kv_row);
+            rotate_into(qkv, row + (q_heads + g) * head_dim, cos, sin, cs, k_pool, slots[t] * kv_row + g * head_dim,
+                        half, bf);
+        memcpy((char *)v_pool + slots[t] * kv_row * size, (const char *)qkv + (row + (q_heads + kv_heads) * head_dim) * size,
+               size * kv_row);
     }
 }
+
+/* The entry points: each body compiled for float32 and for bfloat16 (and per instruction set). */
+#define INSTANTIATE(name, params, ...)                                          \
+    MULTIVERSION static void name##_f32 params { name##_body(__VA_ARGS__, 0); } \
+    MULTIVERSION static void name##_bf16 params { name##_body(__VA_ARGS__, 1); }
+
+INSTANTIATE(decode_attention,
+            (const void *q, int64_t q_stride_t, int64_t q_stride_h, const void *k_pool, const void *v_pool,
+             const int64_t *slots, int64_t slots_stride, const int64_t *lengths, const int64_t *rows, void *out,
+             int64_t out_stride_t, int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim, float scale,
+             float *scratch),
+            q, q_stride_t, q_stride_h, k_pool, v_pool, slots, slots_stride, lengths, rows, out, out_stride_t, batch,
+            heads, kv_heads, head_dim, scale, scratch)
+INSTANTIATE(rms_norm, (const void *x, int64_t rows, int64_t dim, int64_t x_stride, const void *w, float eps, void *out),
+            x, rows, dim, x_stride, w, eps, out)
+INSTANTIATE(silu_mul, (const void *gu, int64_t rows, int64_t inter, int64_t gu_stride, void *out),
+            gu, rows, inter, gu_stride, out)
+INSTANTIATE(rope_store,
+            (const void *qkv, int64_t tokens, int64_t qkv_stride, int64_t q_heads, int64_t kv_heads, int64_t head_dim,
+             const void *cos, const void *sin, void *k_pool, void *v_pool, const int64_t *slots, void *q_out),
+            qkv, tokens, qkv_stride, q_heads, kv_heads, head_dim, cos, sin, k_pool, v_pool, slots, q_out)
 
 static PyObject *py_rms_norm(PyObject *self, PyObject *args) {
     unsigned long long x, w, out;
     long long rows, dim, x_stride;
     double eps;
-    if (!PyArg_ParseTuple(args, "KLLLKdK", &x, &rows, &dim, &x_stride, &w, &eps, &out)) return NULL;
+    int bf;
+    if (!PyArg_ParseTuple(args, "KLLLKdKp", &x, &rows, &dim, &x_stride, &w, &eps, &out, &bf)) return NULL;
     Py_BEGIN_ALLOW_THREADS
-    rms_norm((const float *)x, rows, dim, x_stride, (const float *)w, (float)eps, (float *)out);
+    (bf ? rms_norm_bf16 : rms_norm_f32)((const void *)x, rows, dim, x_stride, (const void *)w, (float)eps, (void *)out);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -175,9 +235,10 @@ static PyObject *py_rms_norm(PyObject *self, PyObject *args) {
 static PyObject *py_silu_mul(PyObject *self, PyObject *args) {
     unsigned long long gu, out;
     long long rows, inter, gu_stride;
-    if (!PyArg_ParseTuple(args, "KLLLK", &gu, &rows, &inter, &gu_stride, &out)) return NULL;
+    int bf;
+    if (!PyArg_ParseTuple(args, "KLLLKp", &gu, &rows, &inter, &gu_stride, &out, &bf)) return NULL;
     Py_BEGIN_ALLOW_THREADS
-    silu_mul((const float *)gu, rows, inter, gu_stride, (float *)out);
+    (bf ? silu_mul_bf16 : silu_mul_f32)((const void *)gu, rows, inter, gu_stride, (void *)out);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -185,12 +246,14 @@ static PyObject *py_silu_mul(PyObject *self, PyObject *args) {
 static PyObject *py_rope_store(PyObject *self, PyObject *args) {
     unsigned long long qkv, cos, sin, k_pool, v_pool, slots, q_out;
     long long tokens, qkv_stride, q_heads, kv_heads, head_dim;
-    if (!PyArg_ParseTuple(args, "KLLLLLKKKKKK", &qkv, &tokens, &qkv_stride, &q_heads, &kv_heads, &head_dim, &cos,
-                          &sin, &k_pool, &v_pool, &slots, &q_out))
+    int bf;
+    if (!PyArg_ParseTuple(args, "KLLLLLKKKKKKp", &qkv, &tokens, &qkv_stride, &q_heads, &kv_heads, &head_dim, &cos,
+                          &sin, &k_pool, &v_pool, &slots, &q_out, &bf))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
-    rope_store((const float *)qkv, tokens, qkv_stride, q_heads, kv_heads, head_dim, (const float *)cos,
-               (const float *)sin, (float *)k_pool, (float *)v_pool, (const int64_t *)slots, (float *)q_out);
+    (bf ? rope_store_bf16 : rope_store_f32)((const void *)qkv, tokens, qkv_stride, q_heads, kv_heads, head_dim,
+                                            (const void *)cos, (const void *)sin, (void *)k_pool, (void *)v_pool,
+                                            (const int64_t *)slots, (void *)q_out);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -199,26 +262,28 @@ static PyObject *py_decode_attention(PyObject *self, PyObject *args) {
     unsigned long long q, k_pool, v_pool, slots, lengths, rows, out, scratch;
     long long q_stride_t, q_stride_h, slots_stride, out_stride_t, batch, heads, kv_heads, head_dim;
     double scale;
-    if (!PyArg_ParseTuple(args, "KLLKKKLKKKLLLLLdK", &q, &q_stride_t, &q_stride_h, &k_pool, &v_pool, &slots,
+    int bf;
+    if (!PyArg_ParseTuple(args, "KLLKKKLKKKLLLLLdKp", &q, &q_stride_t, &q_stride_h, &k_pool, &v_pool, &slots,
                           &slots_stride, &lengths, &rows, &out, &out_stride_t, &batch, &heads, &kv_heads,
-                          &head_dim, &scale, &scratch))
+                          &head_dim, &scale, &scratch, &bf))
         return NULL;
     if (batch < 0 || heads <= 0 || kv_heads <= 0 || head_dim <= 0 || heads % kv_heads) {
         PyErr_SetString(PyExc_ValueError, "decode_attention: bad sizes");
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
-    decode_attention((const float *)q, q_stride_t, q_stride_h, (const float *)k_pool, (const float *)v_pool,
-                     (const int64_t *)slots, slots_stride, (const int64_t *)lengths, (const int64_t *)rows,
-                     (float *)out, out_stride_t, batch, heads, kv_heads, head_dim, (float)scale, (float *)scratch);
+    (bf ? decode_attention_bf16 : decode_attention_f32)(
+        (const void *)q, q_stride_t, q_stride_h, (const void *)k_pool, (const void *)v_pool, (const int64_t *)slots,
+        slots_stride, (const int64_t *)lengths, (const int64_t *)rows, (void *)out, out_stride_t, batch, heads,
+        kv_heads, head_dim, (float)scale, (float *)scratch);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
     {"decode_attention", py_decode_attention, METH_VARARGS,
-     "Paged decode attention over raw float32 buffers (use hexgen_zmq.model.kernels, which checks the arguments)."},
-    {"rms_norm", py_rms_norm, METH_VARARGS, "RMSNorm of float32 rows (use hexgen_zmq.model.kernels)."},
+     "Paged decode attention over raw float32 or bfloat16 buffers (use hexgen_zmq.model.kernels, which checks the arguments)."},
+    {"rms_norm", py_rms_norm, METH_VARARGS, "RMSNorm of float32 or bfloat16 rows (use hexgen_zmq.model.kernels)."},
     {"silu_mul", py_silu_mul, METH_VARARGS, "silu(gate) * up of fused gate/up rows (use hexgen_zmq.model.kernels)."},
     {"rope_store", py_rope_store, METH_VARARGS,
      "Rotary embedding of q and k, k and v written to the KV pool (use hexgen_zmq.model.kernels)."},

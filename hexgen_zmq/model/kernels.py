@@ -1,4 +1,5 @@
-"""CPU fast paths of a stage: what a float32 decode step on a CPU spends its time on, done without waste.
+"""CPU fast paths of a stage: what a float32 or bfloat16 decode step on a CPU spends its time on, done without
+waste.
 
 - Paged decode attention in C (`_kernels.c`, built with the package when a C compiler is at hand): each
   request's keys and values are read from the KV pool in place, instead of being gathered into a padded copy
@@ -44,10 +45,13 @@ def enabled() -> bool:
     return _kernels is not None and switched_on()
 
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # the C kernels' buffers: float32, or bfloat16 bit patterns
+
+
 def runs_on(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the C kernels serve a stage on this device and dtype (float32 on a CPU). A stage asks once,
-    when it loads, and passes the answer as `fast` to the functions below."""
-    return enabled() and device.type == "cpu" and dtype == torch.float32
+    """Whether the C kernels serve a stage on this device and dtype (float32 or bfloat16 on a CPU). A stage
+    asks once, when it loads, and passes the answer as `fast` to the functions below."""
+    return enabled() and device.type == "cpu" and dtype in KERNEL_DTYPES
 
 
 def slots_end(slots: torch.Tensor) -> int:
@@ -95,13 +99,14 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
                      out: torch.Tensor, scale: float) -> None:
     """out[rows[b]] = attention of q[:, rows[b]] over the pool slots gather[b, :lengths[b]], for every b.
 
-    q [H, T, D] (any strides with a unit last one), pools [slots, KV, D] contiguous, out [T, H, D] contiguous
-    float32."""
+    q [H, T, D] (any strides with a unit last one), pools [slots, KV, D] contiguous, out [T, H, D] contiguous,
+    all float32 or all bfloat16 (computed in float32, the output rounded once)."""
     heads, tokens, head_dim = q.shape
     kv_heads = k_pool.shape[1]
     for name, tensor in (("q", q), ("k_pool", k_pool), ("v_pool", v_pool), ("out", out)):
-        if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
-            raise ValueError(f"decode_attention: {name} must be float32 on the CPU, not {tensor.dtype} {tensor.device}")
+        if tensor.dtype not in KERNEL_DTYPES or tensor.dtype != q.dtype or tensor.device.type != "cpu":
+            raise ValueError(f"decode_attention: {name} must be float32 or bfloat16 like q, on the CPU, not "
+                             f"{tensor.dtype} {tensor.device}")
     if (k_pool.shape != v_pool.shape or k_pool.dim() != 3 or k_pool.shape[2] != head_dim or heads % kv_heads
             or not (k_pool.is_contiguous() and v_pool.is_contiguous())):
         raise ValueError(f"decode_attention: pools {list(k_pool.shape)} do not fit query heads {heads} x {head_dim}")
@@ -116,20 +121,22 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     _kernels.decode_attention(q.data_ptr(), q.stride(1), q.stride(0), k_pool.data_ptr(), v_pool.data_ptr(),
                               index.gather.data_ptr(), index.gather.stride(0), index.lengths.data_ptr(),
                               index.rows.data_ptr(), out.data_ptr(), out.stride(0), batch, heads, kv_heads, head_dim,
-                              float(scale), scratch.data_ptr())
+                              float(scale), scratch.data_ptr(), q.dtype == torch.bfloat16)
 
 
-def _float32(*tensors: torch.Tensor) -> bool:
-    return all(t.dtype == torch.float32 for t in tensors)
+def _kernel_dtype(*tensors: torch.Tensor) -> bool:
+    """Whether the tensors share one dtype that the C kernels take."""
+    return tensors[0].dtype in KERNEL_DTYPES and all(t.dtype == tensors[0].dtype for t in tensors)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fast: bool) -> torch.Tensor:
     """transformers' RMSNorm over the last axis: `weight * (x in float32, normalised).to(x.dtype)`."""
     dim = weight.shape[0]
-    if (fast and _float32(x, weight) and x.dim() == 2 and x.shape[1] == dim and x.stride(1) == 1
+    if (fast and _kernel_dtype(x, weight) and x.dim() == 2 and x.shape[1] == dim and x.stride(1) == 1
             and weight.is_contiguous()):
-        out = torch.empty(x.shape)
-        _kernels.rms_norm(x.data_ptr(), x.shape[0], dim, x.stride(0), weight.data_ptr(), float(eps), out.data_ptr())
+        out = torch.empty(x.shape, dtype=x.dtype)
+        _kernels.rms_norm(x.data_ptr(), x.shape[0], dim, x.stride(0), weight.data_ptr(), float(eps), out.data_ptr(),
+                          x.dtype == torch.bfloat16)
         return out
     if x.dtype == torch.float32:
         return F.rms_norm(x, (dim,), weight, eps)
@@ -139,9 +146,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fast: bool) -> t
 def silu_mul(gate_up: torch.Tensor, fast: bool) -> torch.Tensor:
     """silu(gate) * up, for gate_up [T, 2 I] holding the gate and up projections side by side."""
     inter = gate_up.shape[1] // 2
-    if fast and _float32(gate_up) and gate_up.dim() == 2 and gate_up.stride(1) == 1:
-        out = torch.empty(gate_up.shape[0], inter)
-        _kernels.silu_mul(gate_up.data_ptr(), gate_up.shape[0], inter, gate_up.stride(0), out.data_ptr())
+    if fast and _kernel_dtype(gate_up) and gate_up.dim() == 2 and gate_up.stride(1) == 1:
+        out = torch.empty(gate_up.shape[0], inter, dtype=gate_up.dtype)
+        _kernels.silu_mul(gate_up.data_ptr(), gate_up.shape[0], inter, gate_up.stride(0), out.data_ptr(),
+                          gate_up.dtype == torch.bfloat16)
         return out
     return F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
 
@@ -159,16 +167,17 @@ def rope_store(qkv: torch.Tensor, q_heads: int, kv_heads: int, cos: torch.Tensor
     `slots` [T]; returns the rotated q [T, q_heads, D]. `end`: `slots_end(slots)`, when the caller has it
     from an earlier layer of the same step."""
     tokens, _, head_dim = qkv.shape
-    if (fast and _float32(qkv, cos, sin, k_pool, v_pool) and qkv.stride(2) == 1 and qkv.stride(1) == head_dim
+    if (fast and _kernel_dtype(qkv, cos, sin, k_pool, v_pool) and qkv.stride(2) == 1 and qkv.stride(1) == head_dim
             and cos.is_contiguous() and sin.is_contiguous() and cos.numel() == sin.numel() == tokens * head_dim
             and k_pool.is_contiguous() and v_pool.is_contiguous() and k_pool.shape == v_pool.shape
             and k_pool.shape[1:] == (kv_heads, head_dim) and qkv.shape[1] == q_heads + 2 * kv_heads
             and slots.dtype == torch.int64 and slots.is_contiguous() and slots.shape == (tokens,)):
         if (slots_end(slots) if end is None else end) > k_pool.shape[0]:
             raise ValueError("rope_store: a slot is out of range of the pool")
-        q = torch.empty(tokens, q_heads, head_dim)
+        q = torch.empty(tokens, q_heads, head_dim, dtype=qkv.dtype)
         _kernels.rope_store(qkv.data_ptr(), tokens, qkv.stride(0), q_heads, kv_heads, head_dim, cos.data_ptr(),
-                            sin.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), slots.data_ptr(), q.data_ptr())
+                            sin.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), slots.data_ptr(), q.data_ptr(),
+                            qkv.dtype == torch.bfloat16)
         return q
     qk = rotate(qkv[:, : q_heads + kv_heads], cos, sin)  # q and k in one pass over their adjacent heads
     k_pool.index_copy_(0, slots, qk[:, q_heads:])
@@ -226,32 +235,37 @@ def warm_up(module: nn.Module, max_rows: int) -> int:
     with torch.inference_mode():
         for linear in shapes.values():
             for n in counts:
-                linear(torch.zeros(n, linear.in_features))
+                linear(torch.zeros(n, linear.in_features, dtype=linear.packed.dtype))
     return len(shapes) * len(counts)
 
 
-_packing_works: bool | None = None
+_packing_works: dict[torch.dtype, bool] = {}
+PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def packing_usable(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether linear layers of a stage on this device and dtype can be packed: float32 on a CPU whose torch
-    has oneDNN, checked once against F.linear."""
-    global _packing_works
-    if device.type != "cpu" or dtype != torch.float32 or not switched_on():
+    has oneDNN, and bfloat16 where oneDNN also has bf16 dot products (AVX512-BF16 or AMX); checked once per
+    dtype against F.linear."""
+    if device.type != "cpu" or dtype not in PACKED_DTYPES or not switched_on():
         return False
-    if _packing_works is None:
+    if dtype not in _packing_works:
         try:
+            if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                raise RuntimeError("oneDNN has no bfloat16 dot products on this CPU")
             gen = torch.Generator().manual_seed(0)
-            probe = nn.Linear(48, 40)
+            probe = nn.Linear(48, 40, dtype=dtype)
             with torch.no_grad():
                 probe.weight.copy_(torch.randn(40, 48, generator=gen))
-            x = torch.randn(3, 5, 48, generator=gen)
+            x = torch.randn(3, 5, 48, generator=gen).to(dtype)
+            tolerance = 1e-4 if dtype == torch.float32 else 2e-2
             with torch.inference_mode():
-                _packing_works = torch.allclose(PackedLinear(probe)(x), probe(x), rtol=1e-4, atol=1e-4)
+                packed, plain = PackedLinear(probe)(x).float(), probe(x).float()
+            _packing_works[dtype] = torch.allclose(packed, plain, rtol=tolerance, atol=tolerance * 10)
         except (RuntimeError, AttributeError, NotImplementedError) as exc:  # no oneDNN in this build of torch
-            log.info("linear layers stay unpacked: %s", exc)
-            _packing_works = False
-    return _packing_works
+            log.info("%s linear layers stay unpacked: %s", dtype, exc)
+            _packing_works[dtype] = False
+    return _packing_works[dtype]
 
 
 def pack_linears(module: nn.Module) -> int:

@@ -3,8 +3,8 @@
 transformers' own layer class still builds the layer and checks its weights (`load_state_dict(strict=True)`
 in `StageModel`); this module then regroups those same tensors so that a step makes few calls: q, k and v
 in one matrix product, gate and up in one, and around them the ops of `hexgen_zmq.model.kernels` (RMSNorm,
-silu(gate) * up, rotary embedding of q and k with the KV-cache write; in C on a float32 CPU stage, in torch
-elsewhere), and attention straight over the paged KV pool on packed `[tokens, hidden]` rows. A decode step
+silu(gate) * up, rotary embedding of q and k with the KV-cache write; in C on a float32 or bfloat16 CPU
+stage, in torch elsewhere), and attention straight over the paged KV pool on packed `[tokens, hidden]` rows. A decode step
 of a small model on a CPU is dominated by per-call overhead and by reading each weight matrix once per call:
 regrouping alone took 13% off a decode step of the tiny model at 16 rows, the C ops as much again. The
 functions are transformers' (the oracle tests compare whole generations with Hugging Face `generate`, per

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -83,7 +84,7 @@ class StageModel(nn.Module):
         local.intermediate_size = shard.mlp[1] - shard.mlp[0]
         local.head_dim = info.head_dim
         reader = CheckpointReader(info.path)
-        pack = kernels.packing_usable(device, dtype)  # float32 on a CPU: weights in oneDNN's layout, packed once
+        pack = kernels.packing_usable(device, dtype)  # float32 or bfloat16 on a CPU: oneDNN's layout, packed once
         self.layers = nn.ModuleList()
         for index in range(self.start, self.end):
             with torch.device("meta"):
@@ -107,6 +108,7 @@ class StageModel(nn.Module):
             self.lm_head.load_state_dict({"weight": weight}, assign=True)
             if pack:
                 self.lm_head = kernels.PackedLinear(self.lm_head)
+        self.before_layer: Callable[[], None] | None = None  # called before each layer and the LM head
         self.bytes_loaded = reader.bytes_read
         reader.close()
         self.eval()
@@ -133,8 +135,12 @@ class StageModel(nn.Module):
             cos, sin = self.rotary(hidden, layout.positions)  # [1, T, D] each
             cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)
             for layer, keys, values in zip(self.layers, pool.keys, pool.values):
+                if self.before_layer is not None:
+                    self.before_layer()
                 hidden = layer(hidden, cos, sin, layout, keys, values)
         if not self.last:
             return hidden
+        if self.before_layer is not None:
+            self.before_layer()
         picked = self.norm(hidden.index_select(0, layout.sample_rows))
         return self.lm_head(picked).float().cpu()  # sampling (and its generators) run on the CPU

@@ -17,6 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stage", required=True, help="stage id in the deployment file")
     p.add_argument("--rank", type=int, default=0, help="TP rank within the stage (0 is the leader)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--max-threads", type=int, default=None, help="torch CPU threads up to this many while no other stage process on this machine computes (default: every core; equal to --threads pins it)")
     p.add_argument("--notify", default=None, help="endpoint to report ready to (used by `up`)")
     p.add_argument("--keys", default=None, help=KEYS_HELP)
     p.set_defaults(func=cmd_stage)
@@ -41,6 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--keys", default=None, help=KEYS_HELP + "; passed on to every process")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per rank (default: cores / ranks on this host)")
+    p.add_argument("--max-threads", type=int, default=None, help="torch threads per rank up to this many while no other stage process on this machine computes (default: every core; equal to --threads pins it)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every process to be ready")
     p.add_argument("--log-dir", default=None, help="write each process's output to a file here")
     p.add_argument("--http", type=parse_listen, default=None, metavar="HOST:PORT",
@@ -167,7 +169,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 def cmd_stage(args: argparse.Namespace) -> int:
     from hexgen_zmq.stage.process import run_stage
 
-    return run_stage(args.config, args.stage, args.rank, args.notify, args.threads, args.keys)
+    return run_stage(args.config, args.stage, args.rank, args.notify, args.threads, args.keys, args.max_threads)
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
@@ -296,7 +298,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     # Ctrl-C or SIGTERM while starting: the start-up wait notices and stops what it started.
     stopping = stop_on_signals()
     try:
-        supervisor = Supervisor(args.config, args.host, log_dir=args.log_dir, threads=args.threads, keys=args.keys)
+        supervisor = Supervisor(args.config, args.host, log_dir=args.log_dir, threads=args.threads, keys=args.keys,
+                                max_threads=args.max_threads)
     except (DeploymentError, LaunchError, SecurityError) as exc:
         print(f"hexgen-zmq: {exc}", file=sys.stderr)
         return 1

@@ -67,13 +67,14 @@ def log_tail(log_path: Path | None, lines: int = 15) -> str:
 
 class LocalDeployment:
     def __init__(self, config: str | Path, *, log_dir: str | Path | None = None, threads: int | None = None,
-                 env: dict[str, str] | None = None, start_timeout_s: float = 180.0):
+                 env: dict[str, str] | None = None, start_timeout_s: float = 180.0, max_threads: int | None = None):
         self.config = Path(config)
         self.start_timeout_s = start_timeout_s  # what `with LocalDeployment(...)` waits for readiness
         self.deployment: Deployment = load_deployment(self.config)
         self.log_dir = Path(log_dir) if log_dir else None
         ranks = sum(s.tp for p in self.deployment.pipelines for s in p.stages)
         self.threads = threads or max(1, (os.cpu_count() or 1) // ranks)
+        self.max_threads = max_threads  # None: a stage computing alone may use every core
         self.env = {**os.environ, **(env or {})}
         self.children: list[Child] = []
 
@@ -110,7 +111,9 @@ class LocalDeployment:
                 for stage in pipeline.stages:
                     for rank in range(stage.tp):
                         self._spawn(f"{stage.id}:{rank}", ["stage", "--stage", stage.id, "--rank", str(rank),
-                                                          "--threads", str(self.threads)], address)
+                                                          "--threads", str(self.threads),
+                                                          *(["--max-threads", str(self.max_threads)]
+                                                            if self.max_threads else [])], address)
                     waiting.add(stage.id)
             deadline = time.monotonic() + timeout_s
             while waiting:

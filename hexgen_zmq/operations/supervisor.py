@@ -37,11 +37,12 @@ RELEASE_WAIT_S = 10.0  # beyond the drain deadline: how long a retired pipeline'
 class Supervisor:
     def __init__(self, config: str | Path, host: str | None = None, *, log_dir: str | Path | None = None,
                  threads: int | None = None, env: dict[str, str] | None = None,
-                 policy: RestartPolicy | None = None, stop_grace_s: float = 10.0, keys: str | Path | None = None):
+                 policy: RestartPolicy | None = None, stop_grace_s: float = 10.0, keys: str | Path | None = None,
+                 max_threads: int | None = None):
         self.config = Path(config)
         self.host = host
         self.log_dir = Path(log_dir) if log_dir else None
-        self.threads = threads
+        self.threads, self.max_threads = threads, max_threads
         self.env = {**os.environ, **(env or {})}
         self.stop_grace_s = stop_grace_s
         self.file_digest, self.deployment = self._read()
@@ -149,6 +150,8 @@ class Supervisor:
         args = list(spec.args)
         if spec.pipeline is not None:
             args += ["--threads", str(self.threads_per_rank())]
+            if self.max_threads:
+                args += ["--max-threads", str(self.max_threads)]
         if self.keys:
             args += ["--keys", self.keys]
         process, self.logs[name] = spawn(name, args, self.config, self.notify_address, self.log_dir, self.env)

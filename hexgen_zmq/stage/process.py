@@ -27,6 +27,7 @@ from hexgen_zmq.stage.block_manager import BLOCK_SIZE, blocks_for
 from hexgen_zmq.model.checkpoint import ShardPlan
 from hexgen_zmq.operations.deployment import Deployment, DeploymentError, StageSpec, load_deployment
 from hexgen_zmq.model.info import CheckpointError
+from hexgen_zmq.stage.core_share import CoreShare, machine_cores
 from hexgen_zmq.stage.faults import Faults
 from hexgen_zmq.wire.messages import (BrokerEpoch, Cancel, Feedback, Heartbeat, MicroBatch, StageCounters, StageFailed,
                                  StageReady, Submit, Tokens)
@@ -422,18 +423,20 @@ def build_worker(deployment: Deployment, stage_id: str, rank: int) -> tuple[Stag
 
 
 def run_stage(config: str, stage_id: str, rank: int = 0, notify: str | None = None, threads: int | None = None,
-              keys: str | None = None) -> int:
+              keys: str | None = None, max_threads: int | None = None) -> int:
     """Entry of a stage process: load, handshake ready, serve until stopped; tell the parent on a crash."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{stage_id}:{rank}] %(levelname)s %(message)s")
     log = logging.getLogger(f"stage.{stage_id}")
     if threads:
         torch.set_num_threads(threads)
-    leader = tp = None
+    leader = tp = worker = None
     try:
         deployment = load_deployment(config)
         pipeline, index = deployment.stage(stage_id)
         security = ProcessSecurity(deployment, pipeline.stages[index].ranks[0].host, keys) if rank == 0 else None
         worker, tp = build_worker(deployment, stage_id, rank)
+        if worker.model.device.type == "cpu":  # a lone stage spreads over the cores the others leave idle
+            worker.share_cores(CoreShare(torch.get_num_threads(), max_threads or machine_cores(), torch.set_num_threads))
         if rank > 0:
             follower_loop(worker, tp, log)
             return 0
@@ -462,3 +465,5 @@ def run_stage(config: str, stage_id: str, rank: int = 0, notify: str | None = No
             leader.close()
         if tp is not None:
             tp.close()
+        if worker is not None and worker.cores is not None:
+            worker.cores.close()

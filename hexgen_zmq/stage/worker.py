@@ -20,6 +20,7 @@ from hexgen_zmq.model.attention import SlotIndex, build_layout
 from hexgen_zmq.stage.block_manager import BlockManager, CacheFull
 from hexgen_zmq.wire.messages import MicroBatch, NewRequest, Segment, TokenRecord
 from hexgen_zmq.model.runner import StageModel
+from hexgen_zmq.stage.core_share import CoreShare
 from hexgen_zmq.model.sampling import RequestSampler, SamplingError, sample, with_logprobs
 
 
@@ -52,6 +53,12 @@ class StageWorker:
         self.last_used: dict[int, float] = {}  # when a request last had work here (to free forgotten ones)
         self.failed_requests = 0
         self.clock = clock
+        self.cores: CoreShare | None = None  # threads that follow the machine's load (`share_cores`)
+
+    def share_cores(self, cores: CoreShare) -> None:
+        """Compute with the threads `cores` gives, re-read before every layer, instead of a fixed number."""
+        self.cores = cores
+        self.model.before_layer = cores.fit
 
     @property
     def capacity_tokens(self) -> int:
@@ -154,6 +161,9 @@ class StageWorker:
             lost = [failure(seg.request_id, f"step failed: {exc}") for seg in batch.segments]
             batch = MicroBatch(batch.batch_id, [], [], batch.release, [*batch.failed, *lost])
             return self._run(batch, inputs[:0])
+        finally:
+            if self.cores is not None:
+                self.cores.idle()  # the other stages of this machine may spread over the cores it used
 
     def _run(self, batch: MicroBatch, inputs: torch.Tensor) -> StepResult:
         if not batch.segments:  # only releases or failures travel in this batch
