@@ -187,7 +187,10 @@ class ScriptedBroker:
             message = decode_control(frames)
             if isinstance(message, GenerateRequest):
                 for reply in self.script(message):
-                    await self.socket.send_multipart([identity, *encode_control(reply)])
+                    if isinstance(reply, float):  # a pause in the script, in seconds
+                        await asyncio.sleep(reply)
+                    else:
+                        await self.socket.send_multipart([identity, *encode_control(reply)])
 
     async def close(self) -> None:
         self.task.cancel()
@@ -293,6 +296,42 @@ async def test_tokens_that_arrive_together_go_out_in_one_chunk(scripted, tiny_to
     assert logprobs == [-0.5 - i for i in range(5)]
     offsets = [v for c in choices if c["logprobs"] for v in c["logprobs"]["text_offset"]]
     assert offsets == sorted(offsets) and offsets[0] == 0 and offsets[-1] < len(text)
+
+
+async def test_stream_interval_sends_several_tokens_per_chunk_after_the_first(tiny_model, tiny_tokenizer):
+    """--stream-interval N: the first token goes out alone (time to first token), then chunks of at least N
+    tokens, the last one possibly shorter; the text is the same."""
+    from hexgen_zmq.serving.client import Client
+    from hexgen_zmq.serving.gateway import Gateway, GatewayConfig
+    from hexgen_zmq.wire.messages import TokenEvent, TokenLogprob
+
+    tokens = tiny_tokenizer("the cat sat on the mat and the dog sat on the log", add_special_tokens=False)["input_ids"]
+    tokens = tokens[:11]
+    broker = ScriptedBroker()  # one message per token, as the broker sends them to a client that keeps up
+    broker.script = lambda r: [item for i, token in enumerate(tokens) for item in (
+        TokenEvent(r.client_request_id, [token], index=i, logprobs=[TokenLogprob(-1.0 - i)],
+                   finished=i == len(tokens) - 1, finish_reason="length" if i == len(tokens) - 1 else None),
+        0.02)]  # a step apart
+    client = await Client.connect(broker.address)
+    config = GatewayConfig(broker.address, tiny_model, "tiny", 512, frozenset({API_KEY}), stream_interval=4)
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(Gateway(config, tiny_tokenizer, client=client).app),
+                             base_url="http://gateway", timeout=10)
+    try:
+        body = {"prompt": "hi", "max_tokens": len(tokens), "stream": True, "logprobs": 0}
+        async with http.stream("POST", "/v1/completions", json=body,
+                               headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+            raw = b"".join([chunk async for chunk in r.aiter_bytes()])
+    finally:
+        await http.aclose()
+        await client.close()
+        await broker.close()
+    choices = [json.loads(e[6:])["choices"][0] for e in raw.split(b"\n\n") if e.startswith(b"data: {")]
+    assert "".join(c["text"] for c in choices) == tiny_tokenizer.decode(tokens)
+    per_chunk = [len(c["logprobs"]["tokens"]) for c in choices if c["logprobs"] and c["logprobs"]["tokens"]]
+    assert sum(per_chunk) == len(tokens) and per_chunk[0] == 1, per_chunk
+    assert all(n >= 4 for n in per_chunk[1:-1]) and len(per_chunk) <= 1 + -(-(len(tokens) - 1) // 4), per_chunk
+    logprobs = [v for c in choices if c["logprobs"] for v in c["logprobs"]["token_logprobs"]]
+    assert logprobs == [-1.0 - i for i in range(len(tokens))]
 
 
 async def test_requests_the_gateway_refuses_itself(scripted, tiny_model):

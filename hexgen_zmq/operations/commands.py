@@ -148,6 +148,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", default=None, help="the model id to report (default: the checkpoint's directory)")
     p.add_argument("--default-chat-tokens", type=int, default=256, help="max_tokens of a chat request that gives none")
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    p.add_argument("--stream-interval", type=int, default=1, metavar="N",
+                   help="stream N tokens per chunk after the first (fewer, larger writes under load; default 1)")
     if not any(a.dest == "keys" for a in p._actions):  # `up` has its host's --keys; serve a client's
         add_client_keys(p)
 
@@ -267,7 +269,7 @@ def serve_options(args: argparse.Namespace) -> list[str]:
     for name in ("api_key_file", "ssl_certfile", "ssl_keyfile", "model_name"):
         if (value := getattr(args, name)) is not None:
             out += ["--" + name.replace("_", "-"), str(value)]
-    out += ["--default-chat-tokens", str(args.default_chat_tokens)]
+    out += ["--default-chat-tokens", str(args.default_chat_tokens), "--stream-interval", str(args.stream_interval)]
     if args.access_log:
         out.append("--access-log")
     return out

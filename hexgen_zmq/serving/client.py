@@ -114,7 +114,7 @@ class _Open:
                 self.done.set_result(event)
 
 
-def _joined(event: TokenEvent, following: TokenEvent) -> TokenEvent:
+def joined_events(event: TokenEvent, following: TokenEvent) -> TokenEvent:
     """Two consecutive events of one request as one: the tokens of both, the rest of the later one."""
     return msgspec.structs.replace(following, tokens=event.tokens + following.tokens,
                                    logprobs=event.logprobs + following.logprobs, index=event.index)
@@ -341,7 +341,7 @@ class Client:
                     if not isinstance(following, TokenEvent):
                         held = following
                         break
-                    event = _joined(event, following)
+                    event = joined_events(event, following)
                 ended[0] = event.finished
                 yield event
                 if event.finished:

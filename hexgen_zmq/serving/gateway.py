@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hexgen_zmq.serving.client import Client, GenerationError
+from hexgen_zmq.serving.client import Client, GenerationError, joined_events
 from hexgen_zmq.serving.metrics import GatewayMetrics
 from hexgen_zmq.serving.openai_api import (SSE_DONE, APIError, ChatCompletionRequest, ChunkWriter, CompletionRequest,
                                    LogprobFormatter, completion_body, dumps)
@@ -56,6 +56,7 @@ class GatewayConfig:
     default_chat_tokens: int = DEFAULT_CHAT_TOKENS
     created: int = field(default_factory=lambda: int(time.time()))
     credentials: dict = field(default_factory=dict)  # Client.connect's keys= and server_key= (CURVE)
+    stream_interval: int = 1  # tokens per streamed chunk after the first (vLLM's --stream-interval)
 
 
 class ClientGone(Exception):
@@ -369,6 +370,7 @@ class Gateway:
 
         want_logprobs = body.logprobs_wanted is not None
         pending: list = []  # log-probabilities of tokens whose text has not gone out yet
+        interval = self.config.stream_interval  # the first chunk goes at once: it is the time to first token
 
         def logprobs() -> dict | None:
             if not want_logprobs:
@@ -396,6 +398,8 @@ class Gateway:
                         yield head + writer.chunk(piece, logprobs=logprobs())
                         head = b""
                     event = await anext(events)
+                    while len(event.tokens) < interval and not event.finished:  # one chunk for several tokens
+                        event = joined_events(event, await anext(events))
                 rest = piece + ("" if text.stopped else text.finish())
                 if text.stopped:
                     reason = "stop"
@@ -438,7 +442,8 @@ def read_api_keys(keys: list[str] | None, key_file: str | None) -> frozenset[str
 
 
 def gateway_config(config_path: str, model_name: str | None = None, api_keys: frozenset[str] = frozenset(),
-                   default_chat_tokens: int = DEFAULT_CHAT_TOKENS, keys: str | None = None) -> GatewayConfig:
+                   default_chat_tokens: int = DEFAULT_CHAT_TOKENS, keys: str | None = None,
+                   stream_interval: int = 1) -> GatewayConfig:
     from hexgen_zmq.operations.commands import client_credentials
     from hexgen_zmq.operations.deployment import load_deployment
 
@@ -449,7 +454,7 @@ def gateway_config(config_path: str, model_name: str | None = None, api_keys: fr
         context = min(context, int(sliding))  # as the broker limits it
     return GatewayConfig(deployment.broker.clients, str(deployment.model.path),
                          model_name or Path(deployment.model.path).name, context, api_keys, default_chat_tokens,
-                         credentials=client_credentials(deployment, keys))
+                         credentials=client_credentials(deployment, keys), stream_interval=stream_interval)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -465,7 +470,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     try:
         keys = read_api_keys(args.api_key, args.api_key_file)
-        config = gateway_config(args.config, args.model_name, keys, args.default_chat_tokens, args.keys)
+        if args.stream_interval < 1:
+            raise ValueError(f"--stream-interval must be at least 1, not {args.stream_interval}")
+        config = gateway_config(args.config, args.model_name, keys, args.default_chat_tokens, args.keys,
+                                args.stream_interval)
         tokenizer = load_tokenizer(config.model_path)
     except (DeploymentError, SecurityError, OSError, ValueError) as exc:
         print(f"hexgen-zmq: cannot serve: {exc}", file=sys.stderr)
