@@ -39,3 +39,23 @@ async def test_bfloat16_pipeline_with_tp_equals_hf_in_bfloat16(deployment, tiny_
         for prompt in prompts:
             result = await asyncio.wait_for(client.generate(prompt_ids=prompt, max_new_tokens=12), 60)
             assert result.token_ids == hf_bf16_greedy(tiny_model, prompt, 12)
+
+
+async def test_bfloat16_under_batching_stays_close_to_its_oracle(deployment, tiny_model):
+    """Sixteen requests at once share micro-batches: each answer agrees with Hugging Face bfloat16 run on it
+    alone, and with the float32 oracle, for most of its length (near-ties may part them: see the module)."""
+    from tests.support import hf_greedy
+
+    prompts = [[3 + i, 50 + 7 * i, 9, 200 - i, 17 * i % 250 + 3] for i in range(16)]
+    async with Client.connect(deployment.address) as client:
+        results = await asyncio.wait_for(asyncio.gather(
+            *(client.generate(prompt_ids=p, max_new_tokens=10) for p in prompts)), 120)
+
+    def before_first_difference(got: list[int], want: list[int]) -> float:
+        if got == want:
+            return 1.0
+        return next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want))) / len(want)
+
+    for oracle in (lambda p: hf_bf16_greedy(tiny_model, p, 10), lambda p: hf_greedy(tiny_model, p, 10)):
+        shares = [before_first_difference(r.token_ids, oracle(p)) for r, p in zip(results, prompts)]
+        assert sum(shares) / len(shares) >= 0.8, shares
