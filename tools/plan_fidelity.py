@@ -217,18 +217,30 @@ def _python() -> str:
 NICE = 0  # --nice: the priority every process of the system under test runs at (profilers included)
 
 
+def _autogroup(pid: int | str) -> None:
+    """With the kernel's autogroups (sched_autogroup_enabled), a niceness weighs only inside its session;
+    between sessions (every stage runs in one of its own) the session's autogroup niceness counts."""
+    try:
+        Path(f"/proc/{pid}/autogroup").write_text(str(NICE))
+    except OSError:
+        pass
+
+
 def _niced() -> None:
     if NICE:
         os.nice(NICE)
+        _autogroup("self")
 
 
-def renice(pids: list[int]) -> None:
+def renice(pids: list[int], autogroup_only: list[int] = ()) -> None:
     """Put processes already running (a deployment's supervisors and what they started) at --nice."""
     for pid in pids:
         try:
             os.setpriority(os.PRIO_PROCESS, pid, NICE)
         except OSError:
             pass
+    for pid in [*pids, *autogroup_only]:
+        _autogroup(pid)
 
 
 def _wait_line(process: subprocess.Popen, timeout: float) -> str:
@@ -411,9 +423,10 @@ class PlanRun:
         return [f"p{k}" for k in range(len(self.pipelines))]
 
 
-def stage_busy(reply) -> dict[str, tuple[float, int]]:
-    """Per stage id: (seconds computing, micro-batches) so far, from a broker status reply."""
-    return {sid: (c.step_seconds_total, c.steps_total) for p in reply.pipelines for sid, c in p.stage_counters.items()}
+def stage_busy(reply) -> dict[str, tuple[float, int, int, int]]:
+    """Per stage id: (seconds computing, micro-batches, token rows, segments) so far, from a broker status."""
+    return {sid: (c.step_seconds_total, c.steps_total, c.step_tokens_total, c.step_requests_total)
+            for p in reply.pipelines for sid, c in p.stage_counters.items()}
 
 
 def measure_plan(sites, model: str, cluster: Cluster, cm: CostModel, run: PlanRun, args: argparse.Namespace,
@@ -425,8 +438,9 @@ def measure_plan(sites, model: str, cluster: Cluster, cm: CostModel, run: PlanRu
                                 secure=False)
     try:
         asyncio.run(serving(deployment, set(run.ids), 300))
-        if NICE:  # the hosts' processes; the delay line (the router's namespace) keeps its own -10
-            renice(_namespace_pids(sites, routers=False))
+        if NICE:  # the hosts' processes; the delay line (the router's namespace) keeps its own -10 in its session
+            hosts = _namespace_pids(sites, routers=False)
+            renice(hosts, [pid for pid in _namespace_pids(sites) if pid not in hosts])
         bench_sites(deployment.config, None, args, directory / "warm.json", concurrency=4, requests=8)  # warm-up
         for rate in run.rates:
             before = stage_busy(asyncio.run(status(deployment)))
@@ -438,9 +452,12 @@ def measure_plan(sites, model: str, cluster: Cluster, cm: CostModel, run: PlanRu
                 print(f"  {run.name} at {rate:.2f}/s: {report['failed']} requests failed", flush=True)
             m = from_report(report)
             p = run.predicted[rate]
+            rows = {}
             for sid in after:
-                m.busy_s[sid] = after[sid][0] - before.get(sid, (0.0, 0))[0]
-                m.steps[sid] = after[sid][1] - before.get(sid, (0.0, 0))[1]
+                was = before.get(sid, (0.0, 0, 0, 0))
+                m.busy_s[sid] = after[sid][0] - was[0]
+                m.steps[sid] = after[sid][1] - was[1]
+                rows[sid] = ((after[sid][2] - was[2]) / max(m.steps[sid], 1), (after[sid][3] - was[3]) / max(m.steps[sid], 1))
             slow = {sid: m.busy_s[sid] / p.busy_s[sid] for sid in m.busy_s if p.busy_s.get(sid)}
             c = predicted(cm, run.pipelines, run.ids, arrival_offsets(args.requests, rate, args.seed), args.slo,
                           speed=slow)
@@ -452,7 +469,10 @@ def measure_plan(sites, model: str, cluster: Cluster, cm: CostModel, run: PlanRu
                   f"  TPOT {p.tpot * 1e3:5.1f} / {c.tpot * 1e3:5.1f} / {m.tpot * 1e3:5.1f} ms  attainment "
                   f"{p.attainment:4.0%} / {c.attainment:4.0%} / {m.attainment:4.0%}  (profile / at the run's device "
                   f"speed / measured); compute measured/profile "
-                  + " ".join(f"{sid} {x:.2f} ({m.steps[sid]} vs {p.steps[sid]} steps)" for sid, x in slow.items())
+                  + " ".join(f"{sid} {x:.2f} ({m.steps[sid]} steps of {m.busy_s[sid] / max(m.steps[sid], 1) * 1e3:.1f} ms,"
+                             f" {rows[sid][0]:.1f} tokens in {rows[sid][1]:.1f} segments,"
+                             f" busy {m.busy_s[sid] / report['wall_s']:.0%}; model {p.steps[sid]} of "
+                             f"{p.busy_s[sid] / max(p.steps[sid], 1) * 1e3:.1f} ms)" for sid, x in slow.items())
                   + f"; cores busy {cpu['cores_busy']:.2f}, ours {cpu['ours']:.2f}, others {cpu['others']:.2f}",
                   flush=True)
     finally:
@@ -557,6 +577,8 @@ def main_sites(args: argparse.Namespace) -> int:
             links = ", ".join(f"{l.a}<->{l.b} {l.mbit or 'unshaped'} Mbit/s {l.latency_ms:g} ms"
                               for l in sites.topology.links)
             print(f"emulated cluster: {sites.topology.regions}; links: {links}; model {model}", flush=True)
+            if NICE:  # the delay line too, before the links are probed: its -10 weighs only inside its session
+                renice([], _namespace_pids(sites))
             wait_quiet(args.quiet_cores, args.quiet_wait_s)
             print(f"profiling ({args.profile})", flush=True)
             profiles = profile_hosts(sites, model, workdir, args.profile == "together", args.profile_repeats,
@@ -634,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     sites.add_argument("--latency-ms", type=float, default=5.0)
     sites.add_argument("--mbit", type=float, default=200.0)
     sites.add_argument("--target", type=float, default=0.9, help="SLO attainment target")
-    sites.add_argument("--slo-factor", type=float, default=3.0)
+    sites.add_argument("--slo-factor", type=float, default=4.0)
     sites.add_argument("--quiet-cores", type=float, default=0.5,
                        help="before a sweep, wait until other work keeps fewer cores busy than this")
     sites.add_argument("--quiet-wait-s", type=float, default=120.0, help="but no longer than this")
