@@ -332,18 +332,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="with --http: ask for whole answers (stream: false) instead of token-by-token streams")
     p.add_argument("--rounds", type=int, default=1,
                    help="with --http: alternate native and HTTP runs this many times and compare medians")
+    p.add_argument("--stream-interval", type=int, default=1, metavar="N",
+                   help="with --launch --http: the gateway's --stream-interval (tokens per streamed chunk)")
     p.add_argument("--json", default=None, help="write the reports here")
     p.set_defaults(func=run)
 
 
-def launch_gateway(config: str, url: str, api_key: str | None):
+def launch_gateway(config: str, url: str, api_key: str | None, stream_interval: int = 1):
     """A `serve` process for --launch --http, listening where `url` points."""
     from urllib.parse import urlsplit
 
     from hexgen_zmq.operations.commands import GatewayProcess
 
     where = urlsplit(url)
-    options = ["--api-key", api_key] if api_key else []
+    options = (["--api-key", api_key] if api_key else []) + ["--stream-interval", str(stream_interval)]
     gateway = GatewayProcess(config, (where.hostname or "127.0.0.1", where.port or 80), options)
     try:
         gateway.wait_ready()
@@ -374,7 +376,7 @@ def run(args: argparse.Namespace) -> int:
             with console.status("starting the deployment"):
                 local.start()
             if args.http:
-                gateway = launch_gateway(args.config, args.http, args.api_key)
+                gateway = launch_gateway(args.config, args.http, args.api_key, args.stream_interval)
         progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                             console=console)
         with progress:
