@@ -5,9 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
-from hexgen_zmq.stage.core_share import SLOTS, CoreBoard, CoreShare, threads_for
+from hexgen_zmq.stage.core_share import QUIET_S, SLOTS, CoreBoard, CoreShare, threads_for
 
 
 def test_a_lone_stage_spreads_and_a_busy_machine_keeps_base_shares():
@@ -18,14 +19,17 @@ def test_a_lone_stage_spreads_and_a_busy_machine_keeps_base_shares():
     assert threads_for(base=2, most=16, others=20, cores=16) == 2  # oversubscribed: the base still holds
 
 
-def claimer(board: Path, threads: int) -> subprocess.Popen:
-    """Another process on the board, computing with `threads` until it is killed."""
+def claimer(board: Path, threads: int, then_idle: bool = False) -> subprocess.Popen:
+    """Another process on the board, computing with `threads` until it is killed (or, `then_idle`, ending
+    its step at once and staying idle)."""
     code = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
         from hexgen_zmq.stage.core_share import CoreBoard
         board = CoreBoard(Path({str(board)!r}))
         board.claim({threads})
+        if {then_idle}:
+            board.claim(0)
         print("claimed", flush=True)
         time.sleep(60)
     """)
@@ -69,19 +73,34 @@ def test_share_claims_while_it_computes_and_releases_when_idle(tmp_path):
     share.fit()
     assert calls == [2]  # unchanged: no call
     # the watcher shares this process's pid, so it reuses the share's slot: read the raw claim instead
-    assert watcher_pid_slot == share.board.slot and share.board.view[2 * share.board.slot + 1] == 2
+    assert watcher_pid_slot == share.board.slot and share.board.view[4 * share.board.slot + 1] == 2
     other = claimer(path, 1)
     try:
         share.fit()
         assert calls == [2, 1]  # another stage started computing: back to the base within a layer
         share.idle()
-        assert share.board.view[2 * share.board.slot + 1] == 0
+        assert share.board.view[4 * share.board.slot + 1] == 0
     finally:
         other.kill()
         other.wait(10)
+    time.sleep(QUIET_S)  # the killed claimer's slot: dead, so ignored at once anyway
     share.fit()
     assert calls == [2, 1, 2]
     share.close()
+
+
+def test_a_stage_that_just_ended_a_step_still_counts_for_the_quiet_time(tmp_path):
+    """Between two steps of a loaded stage there is a short gap: spreading into it would oversubscribe."""
+    path = tmp_path / "board"
+    mine = CoreBoard(path)
+    other = claimer(path, 1, then_idle=True)
+    try:
+        assert mine.others() == 1  # its step ended just now
+        time.sleep(QUIET_S * 1.5)
+        assert mine.others() == 0  # quiet long enough: its core is free
+    finally:
+        other.kill()
+        other.wait(10)
 
 
 def test_pinned_share_opens_no_board_and_a_missing_board_keeps_the_base(tmp_path):
@@ -98,13 +117,13 @@ def test_pinned_share_opens_no_board_and_a_missing_board_keeps_the_base(tmp_path
 
 def test_a_full_board_leaves_later_processes_at_their_base(tmp_path):
     path = tmp_path / "board"
-    path.write_bytes(b"\0" * (SLOTS * 8))
+    path.write_bytes(b"\0" * (SLOTS * 16))
     import mmap
 
     with open(path, "r+b") as f:
-        view = memoryview(mmap.mmap(f.fileno(), SLOTS * 8)).cast("i")
+        view = memoryview(mmap.mmap(f.fileno(), SLOTS * 16)).cast("i")
         for slot in range(SLOTS):
-            view[2 * slot] = 1  # init: alive, never this process
+            view[4 * slot] = 1  # init: alive, never this process
         view.release()
     board = CoreBoard(path)
     assert board.slot is None and board.others() is None
