@@ -25,6 +25,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "_matmul.h"
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
@@ -280,7 +282,59 @@ static PyObject *py_decode_attention(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_matmul(PyObject *self, PyObject *args) {
+    unsigned long long x, w, bias, out;
+    long long rows, x_stride, n, k, out_stride;
+    int bf, threads;
+    if (!PyArg_ParseTuple(args, "KLLKLLKKLpi", &x, &rows, &x_stride, &w, &n, &k, &bias, &out, &out_stride, &bf,
+                          &threads))
+        return NULL;
+    if (rows < 1 || n < 1 || k < 1 || threads < 1 || w % 64 || !matmul_supported(bf)) {
+        PyErr_SetString(PyExc_ValueError, "matmul: bad sizes, an unaligned weight, or not supported on this CPU");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    matmul((const void *)x, rows, x_stride, (const void *)w, n, k, (const void *)bias, (void *)out, out_stride, bf,
+           threads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_matmul_blocked_size(PyObject *self, PyObject *args) {
+    long long n, k;
+    int bf;
+    if (!PyArg_ParseTuple(args, "LLp", &n, &k, &bf)) return NULL;
+    return PyLong_FromLongLong(matmul_blocked_size(n, k, bf));
+}
+
+static PyObject *py_matmul_block_weight(PyObject *self, PyObject *args) {
+    unsigned long long w, blocked;
+    long long n, k;
+    int bf;
+    if (!PyArg_ParseTuple(args, "KLLpK", &w, &n, &k, &bf, &blocked)) return NULL;
+    if (n < 1 || k < 1 || blocked % 64) {
+        PyErr_SetString(PyExc_ValueError, "matmul_block_weight: bad sizes, or an unaligned buffer");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    matmul_block_weight((const void *)w, n, k, bf, (void *)blocked);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_matmul_supported(PyObject *self, PyObject *args) {
+    int bf;
+    if (!PyArg_ParseTuple(args, "p", &bf)) return NULL;
+    return PyBool_FromLong(matmul_supported(bf));
+}
+
 static PyMethodDef methods[] = {
+    {"matmul", py_matmul, METH_VARARGS,
+     "x @ w.T (+ bias), w blocked, float32 or bfloat16, on AVX-512 (use hexgen_zmq.model.kernels)."},
+    {"matmul_blocked_size", py_matmul_blocked_size, METH_VARARGS, "Bytes of a [n, k] weight in matmul's layout."},
+    {"matmul_block_weight", py_matmul_block_weight, METH_VARARGS, "Copy a [n, k] weight into matmul's layout."},
+    {"matmul_supported", py_matmul_supported, METH_VARARGS, "Whether this CPU runs matmul for float32 (False) or bfloat16 (True)."},
+
     {"decode_attention", py_decode_attention, METH_VARARGS,
      "Paged decode attention over raw float32 or bfloat16 buffers (use hexgen_zmq.model.kernels, which checks the arguments)."},
     {"rms_norm", py_rms_norm, METH_VARARGS, "RMSNorm of float32 or bfloat16 rows (use hexgen_zmq.model.kernels)."},

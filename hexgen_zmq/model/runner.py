@@ -84,7 +84,7 @@ class StageModel(nn.Module):
         local.intermediate_size = shard.mlp[1] - shard.mlp[0]
         local.head_dim = info.head_dim
         reader = CheckpointReader(info.path)
-        pack = kernels.packing_usable(device, dtype)  # float32 or bfloat16 on a CPU: oneDNN's layout, packed once
+        pack = kernels.packing_usable(device, dtype)  # float32 or bfloat16 on a CPU: weights re-laid out once
         self.layers = nn.ModuleList()
         for index in range(self.start, self.end):
             with torch.device("meta"):
@@ -107,7 +107,7 @@ class StageModel(nn.Module):
             self.lm_head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
             self.lm_head.load_state_dict({"weight": weight}, assign=True)
             if pack:
-                self.lm_head = kernels.PackedLinear(self.lm_head)
+                self.lm_head = kernels.fast_linear(self.lm_head)
         self.before_layer: Callable[[], None] | None = None  # called before each layer and the LM head
         self.bytes_loaded = reader.bytes_read
         reader.close()

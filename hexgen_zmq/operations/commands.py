@@ -169,6 +169,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
+    from hexgen_zmq.stage.core_share import passive_openmp
+
+    passive_openmp()  # before torch is imported
     from hexgen_zmq.stage.process import run_stage
 
     return run_stage(args.config, args.stage, args.rank, args.notify, args.threads, args.keys, args.max_threads)

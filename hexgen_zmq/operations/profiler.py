@@ -91,7 +91,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"hexgen-zmq profile: {exc}", file=sys.stderr)
         return 2
     from hexgen_zmq.planner.profile import LinkFigure, parse_profile, write_profile
+    from hexgen_zmq.stage.core_share import passive_openmp
 
+    passive_openmp()  # as a stage runs (before torch is imported)
     data = measure_device(args.config, args.device, args.dtype, args.threads, args.layers, *shapes, args.repeats,
                           args.devices)
     data["host"] = args.host or socket.gethostname()

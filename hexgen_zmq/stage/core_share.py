@@ -35,6 +35,28 @@ _SLOT_BYTES = 16  # pid, threads (int32 each), end of the last step (float64)
 QUIET_S = 0.05  # a stage whose last step ended this recently still counts as computing
 
 
+def passive_openmp() -> bool:
+    """Make torch's OpenMP threads sleep as soon as a parallel region ends (OMP_WAIT_POLICY=PASSIVE) where a
+    CPU stage's matrix products run on `_matmul.c`'s own pool, unless the environment already says; called by
+    a stage process before it imports torch, as OpenMP reads it once. Returns whether it is set.
+
+    That pool's workers spin briefly between the products of a step; OpenMP's threads, spinning by default
+    after each of torch's parallel ops (sampling's reductions over the vocabulary, prompt steps), would fight
+    them for the same cores. Measured: a SmolLM2 bfloat16 step of one row took 24.5 ms with spinning OpenMP
+    threads and 17.5 ms with sleeping ones. Where the products are oneDNN's instead (no AVX-512 with bfloat16
+    dot products, the extension missing or switched off), OpenMP keeps spinning: oneDNN forks a parallel
+    region per product, and waking sleeping threads for each doubled that step's time."""
+    if os.environ.get("HEXGEN_ZMQ_KERNELS", "1") == "0" or os.environ.get("HEXGEN_ZMQ_BLOCKED", "1") == "0":
+        return "OMP_WAIT_POLICY" in os.environ
+    try:
+        from hexgen_zmq.model import _kernels  # the C extension alone: no torch
+    except ImportError:
+        return "OMP_WAIT_POLICY" in os.environ
+    if _kernels.matmul_supported(True):  # float32 and bfloat16 products both on the pool
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return "OMP_WAIT_POLICY" in os.environ
+
+
 def threads_for(base: int, most: int, others: int, cores: int) -> int:
     """Threads for a stage about to compute: at least its base share, and up to `most` of the `cores` that the
     other stage processes (computing with `others` threads in all) leave idle."""

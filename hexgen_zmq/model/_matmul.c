@@ -1,0 +1,314 @@
+/* The matrix products of a CPU stage, x [rows, k] times a weight [n, k] transposed, float32 or bfloat16, on the
+ * CPU's AVX-512 units, over a small pool of threads of our own.
+ *
+ * Why: a decode step of one or a few rows reads every weight once and does little arithmetic on it, so its
+ * speed is how fast the weights stream from memory. oneDNN's packed products stream about 10-14 GB/s at one
+ * row on this project's 2-core machine (llama.cpp's about 20): per-call setup and an OpenMP fork/join, paid
+ * about 120 times per step of a 30-layer model. Here the weight is re-laid out once, at load, so that each
+ * block of 64 output features is one contiguous stream, and the blocks are cut into chunks that the threads
+ * take from a shared counter: a thread the OS preempts delays only the chunk it holds, not a static share.
+ * Larger row counts (batches, prompts) reuse each block from the cache, six rows per pass.
+ *
+ * The pool: up to (CPUs - 1) worker threads, started on first use. A call publishes a job in one 64-bit
+ * word (generation, how many threads may join, chunks left); workers take chunks by compare-and-swap on that
+ * word, so a late worker can never take a chunk of a later job. A worker that helped with the last job spins
+ * for a short while (the gap between two products of a step), then sleeps on a futex; a worker the caller
+ * did not ask for sleeps at once, so a stage told to use one thread leaves the other cores alone.
+ *
+ * Accuracy: float32 products are fused multiply-adds in float32; bfloat16 products use VDPBF16PS (products
+ * of two bfloat16 values are exact in float32, summed in float32) and round the result once, to nearest
+ * even, as oneDNN's bfloat16 product does. Only the order of the float32 sums differs.
+ */
+#include "_matmul.h"
+
+#include <string.h>
+
+#if !(defined(__x86_64__) && defined(__GNUC__) && defined(__linux__))
+/* elsewhere: no products here; the stage uses oneDNN's or torch's */
+int matmul_supported(int bf) { return 0; }
+int64_t matmul_blocked_size(int64_t n, int64_t k, int bf) { return 0; }
+void matmul_block_weight(const void *w, int64_t n, int64_t k, int bf, void *blocked) {}
+void matmul(const void *x, int64_t rows, int64_t x_stride, const void *w, int64_t n, int64_t k, const void *bias,
+            void *out, int64_t out_stride, int bf, int threads) {}
+#else
+
+#include <immintrin.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#define INLINE_AVX512 static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+int matmul_supported(int bf) {
+    static int known = 0, f32, bf16;
+    if (!known) {
+        __builtin_cpu_init();
+        f32 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+        bf16 = f32 && __builtin_cpu_supports("avx512bf16");
+        known = 1;
+    }
+    return bf ? bf16 : f32;
+}
+
+/* ---- the kernels ----
+ *
+ * The weight is copied once, at load, into blocks of 64 output features. A block is read front to back as
+ * one stream: for bfloat16, for each pair of inputs (k, k + 1) the 64 features' two weights side by side
+ * (the pairs VDPBF16PS multiplies); for float32, for each input k the 64 features' weights. Features past n
+ * and inputs past k are zero. Each step of the loop loads 4 vectors of weights (64 features) and, for each
+ * of up to ROW_GROUP rows, broadcasts that row's input (pair) and accumulates into 4 vectors of 16 outputs:
+ * no horizontal sums, and every weight loaded serves all the rows of the group. */
+
+#define ROW_GROUP 6 /* rows per pass over a block: 6 x 4 accumulators + 4 weights + 1 input in 32 registers */
+#define BLOCK 64    /* output features per block */
+
+static int64_t steps(int64_t k, int bf) { return bf ? (k + 1) / 2 : k; } /* loop steps over the input axis */
+
+int64_t matmul_blocked_size(int64_t n, int64_t k, int bf) { return (n + BLOCK - 1) / BLOCK * steps(k, bf) * 256; }
+
+void matmul_block_weight(const void *w, int64_t n, int64_t k, int bf, void *blocked) {
+    const int64_t per_step = bf ? 2 : 1, size = bf ? 2 : 4, block_bytes = steps(k, bf) * 256;
+    memset(blocked, 0, (size_t)matmul_blocked_size(n, k, bf));
+    for (int64_t f = 0; f < n; f++) {
+        char *block = (char *)blocked + f / BLOCK * block_bytes;
+        for (int64_t i = 0; i < k; i++) {
+            const int64_t at = ((i / per_step) * BLOCK + f % BLOCK) * per_step + i % per_step;
+            memcpy(block + at * size, (const char *)w + (f * k + i) * size, (size_t)size);
+        }
+    }
+}
+
+typedef struct {
+    const void *x, *w, *bias;
+    void *out;
+    int64_t rows, n, k, x_stride, out_stride, chunk; /* chunk: blocks per chunk */
+    int bf;
+} product_t;
+
+typedef int32_t __attribute__((may_alias, aligned(2))) pair_t; /* two bfloat16 inputs, read as one word */
+
+/* One step of the loop: acc[m][j] += weights (4 vectors at ws) times row m's input (pair) number i. */
+INLINE_AVX512 void step(__m512 acc[ROW_GROUP][4], const char *ws, const void *x, int64_t xs, int64_t i, const int R,
+                        const int bf, const int odd_end) {
+    const __m512 w0 = _mm512_load_ps(ws), w1 = _mm512_load_ps(ws + 64), w2 = _mm512_load_ps(ws + 128),
+                 w3 = _mm512_load_ps(ws + 192);
+    for (int m = 0; m < R; m++) {
+        if (bf) {
+            const uint16_t *xr = (const uint16_t *)x + m * xs + 2 * i;
+            /* a whole pair, broadcast straight from memory; at an odd k's end, the last input alone */
+            const __m512bh xv = (__m512bh)_mm512_set1_epi32(odd_end ? (int32_t)xr[0] : *(const pair_t *)xr);
+            acc[m][0] = _mm512_dpbf16_ps(acc[m][0], (__m512bh)w0, xv);
+            acc[m][1] = _mm512_dpbf16_ps(acc[m][1], (__m512bh)w1, xv);
+            acc[m][2] = _mm512_dpbf16_ps(acc[m][2], (__m512bh)w2, xv);
+            acc[m][3] = _mm512_dpbf16_ps(acc[m][3], (__m512bh)w3, xv);
+        } else {
+            const __m512 xv = _mm512_set1_ps(((const float *)x)[m * xs + i]);
+            acc[m][0] = _mm512_fmadd_ps(w0, xv, acc[m][0]);
+            acc[m][1] = _mm512_fmadd_ps(w1, xv, acc[m][1]);
+            acc[m][2] = _mm512_fmadd_ps(w2, xv, acc[m][2]);
+            acc[m][3] = _mm512_fmadd_ps(w3, xv, acc[m][3]);
+        }
+    }
+}
+
+/* Block `b` of the product for rows [r0, r0 + R), float32 (bf = 0) or bfloat16 (bf = 1). */
+INLINE_AVX512 void block_rows(const product_t *p, int64_t b, int64_t r0, const int R, const int bf) {
+    const int64_t k = p->k, count = steps(k, bf), xs = p->x_stride;
+    const char *wb = (const char *)p->w + b * count * 256;
+    const void *x = (const char *)p->x + r0 * xs * (bf ? 2 : 4);
+    __m512 acc[ROW_GROUP][4];
+    for (int m = 0; m < R; m++)
+        for (int j = 0; j < 4; j++) acc[m][j] = _mm512_setzero_ps();
+    /* bfloat16 with an odd k: the last step's pair would read one input past the row; it is done apart */
+    const int64_t whole = bf && (k & 1) ? count - 1 : count;
+    for (int64_t i = 0; i < whole; i++) {
+        _mm_prefetch(wb + i * 256 + 4096, _MM_HINT_T0);
+        step(acc, wb + i * 256, x, xs, i, R, bf, 0);
+    }
+    if (whole < count) step(acc, wb + whole * 256, x, xs, whole, R, bf, 1);
+    const int64_t n0 = b * BLOCK;
+    for (int j = 0; j < 4; j++) {
+        const int64_t f0 = n0 + 16 * j, valid = p->n - f0;
+        if (valid <= 0) break;
+        const __mmask16 mask = valid >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << valid) - 1);
+        __m512 bias = _mm512_setzero_ps();
+        if (p->bias && bf)
+            bias = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, (const uint16_t *)p->bias + f0)), 16));
+        else if (p->bias)
+            bias = _mm512_maskz_loadu_ps(mask, (const float *)p->bias + f0);
+        for (int m = 0; m < R; m++) {
+            const __m512 sum = _mm512_add_ps(acc[m][j], bias);
+            if (bf)
+                _mm256_mask_storeu_epi16((uint16_t *)p->out + (r0 + m) * p->out_stride + f0, mask,
+                                         (__m256i)_mm512_cvtneps_pbh(sum)); /* rounded to nearest even */
+            else
+                _mm512_mask_storeu_ps((float *)p->out + (r0 + m) * p->out_stride + f0, mask, sum);
+        }
+    }
+}
+
+#define KERNEL(R, bf, name) \
+    AVX512BF16 static void name(const product_t *p, int64_t b, int64_t r0) { block_rows(p, b, r0, R, bf); }
+KERNEL(1, 0, f32_1) KERNEL(2, 0, f32_2) KERNEL(3, 0, f32_3) KERNEL(4, 0, f32_4) KERNEL(5, 0, f32_5) KERNEL(6, 0, f32_6)
+KERNEL(1, 1, bf16_1) KERNEL(2, 1, bf16_2) KERNEL(3, 1, bf16_3) KERNEL(4, 1, bf16_4) KERNEL(5, 1, bf16_5)
+KERNEL(6, 1, bf16_6)
+static void (*const kernels[2][ROW_GROUP])(const product_t *, int64_t, int64_t) = {
+    {f32_1, f32_2, f32_3, f32_4, f32_5, f32_6}, {bf16_1, bf16_2, bf16_3, bf16_4, bf16_5, bf16_6}};
+
+static void run_chunk(void *ctx, int64_t chunk) {
+    const product_t *p = ctx;
+    const int64_t blocks_total = (p->n + BLOCK - 1) / BLOCK, b0 = chunk * p->chunk;
+    const int64_t b1 = b0 + p->chunk < blocks_total ? b0 + p->chunk : blocks_total;
+    /* a block's weights come from memory for the first group of rows, from the cache for the others */
+    for (int64_t b = b0; b < b1; b++)
+        for (int64_t r0 = 0; r0 < p->rows; r0 += ROW_GROUP) {
+            const int64_t rows = p->rows - r0 < ROW_GROUP ? p->rows - r0 : ROW_GROUP;
+            kernels[p->bf][rows - 1](p, b, r0);
+        }
+}
+
+/* ---- the pool ---- */
+
+#define MAX_WORKERS 63
+#define SPIN_NS 200000 /* how long a worker that just helped waits awake for the next product: 0.2 ms */
+
+typedef struct {
+    _Atomic uint32_t generation; /* its futex word: the latest job's generation (low 32 bits) */
+    _Atomic int sleeping;
+} worker_t;
+
+static _Atomic uint64_t job_word; /* generation << 40 | threads << 32 | chunks left */
+static _Atomic int64_t chunks_done;
+static void (*job_fn)(void *, int64_t);
+static void *job_ctx;
+static int64_t job_chunks;
+static worker_t workers[MAX_WORKERS + 1]; /* index 1 .. worker_count */
+static int worker_count, worker_limit = -1;
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+
+#define GEN(word) ((word) >> 40)
+#define THREADS(word) (((word) >> 32) & 0xff)
+#define LEFT(word) ((word) & 0xffffffffu)
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+/* Take and run chunks of the job of generation `gen` until none is left. */
+static void take_chunks(uint64_t gen) {
+    uint64_t word = atomic_load(&job_word);
+    while (GEN(word) == gen && LEFT(word) > 0) {
+        if (!atomic_compare_exchange_weak(&job_word, &word, word - 1)) continue;
+        /* the chunk is ours, and the job cannot change before it is done: its parameters are current */
+        job_fn(job_ctx, job_chunks - (int64_t)LEFT(word));
+        atomic_fetch_add(&chunks_done, 1);
+        word = atomic_load(&job_word);
+    }
+}
+
+static void *worker_main(void *arg) {
+    const int index = (int)(intptr_t)arg; /* joins the jobs that allow more than `index` threads */
+    worker_t *self = &workers[index];
+    uint64_t seen = GEN(atomic_load(&job_word));
+    int helped = 0;
+    for (;;) {
+        uint64_t word = atomic_load(&job_word);
+        if (GEN(word) == seen) {
+            if (helped) { /* the next product of a step is usually microseconds away */
+                const int64_t until = now_ns() + SPIN_NS;
+                while (GEN(atomic_load_explicit(&job_word, memory_order_relaxed)) == seen && now_ns() < until)
+                    _mm_pause();
+                helped = 0;
+                continue;
+            }
+            /* sleep until the caller of a job that wants this worker changes its word (and wakes it) */
+            const uint32_t mine = atomic_load(&self->generation);
+            atomic_store(&self->sleeping, 1);
+            if (GEN(atomic_load(&job_word)) == seen) /* else a job came while we were getting ready to sleep */
+                syscall(SYS_futex, &self->generation, FUTEX_WAIT_PRIVATE, mine, NULL, NULL, 0);
+            atomic_store(&self->sleeping, 0);
+            continue;
+        }
+        seen = GEN(word);
+        helped = index < (int)THREADS(word);
+        if (helped) take_chunks(seen);
+    }
+    return NULL;
+}
+
+static void forget_workers(void) { worker_count = 0; } /* in a forked child: the threads did not come along */
+
+/* Start workers until there are `wanted` (at most one fewer than the CPUs); returns how many there are. */
+static int start_workers(int wanted) {
+    if (worker_limit < 0) {
+        pthread_atfork(NULL, NULL, forget_workers);
+        long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+        worker_limit = cpus - 1 < MAX_WORKERS ? (int)(cpus > 1 ? cpus - 1 : 0) : MAX_WORKERS;
+    }
+    if (wanted > worker_limit) wanted = worker_limit;
+    while (worker_count < wanted) {
+        pthread_t thread;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const int index = worker_count + 1;
+        atomic_store(&workers[index].sleeping, 0);
+        const int failed = pthread_create(&thread, &attr, worker_main, (void *)(intptr_t)index);
+        pthread_attr_destroy(&attr);
+        if (failed) {
+            worker_limit = worker_count;
+            break;
+        }
+        worker_count = index;
+    }
+    return worker_count;
+}
+
+/* Run fn(ctx, 0 .. chunks-1) on this thread and up to threads - 1 workers; returns when all are done. */
+static void parallel_chunks(void (*fn)(void *, int64_t), void *ctx, int64_t chunks, int threads) {
+    pthread_mutex_lock(&pool_lock); /* one job at a time per process */
+    if (threads > worker_count + 1) threads = start_workers(threads - 1) + 1;
+    if (threads <= 1 || chunks <= 1) {
+        for (int64_t c = 0; c < chunks; c++) fn(ctx, c);
+        pthread_mutex_unlock(&pool_lock);
+        return;
+    }
+    if (threads > 255) threads = 255;
+    job_fn = fn;
+    job_ctx = ctx;
+    job_chunks = chunks;
+    atomic_store(&chunks_done, 0);
+    const uint64_t gen = (GEN(atomic_load(&job_word)) + 1) & 0xffffffu;
+    atomic_store(&job_word, gen << 40 | (uint64_t)threads << 32 | (uint64_t)chunks);
+    for (int i = 1; i < threads; i++) {
+        atomic_store(&workers[i].generation, (uint32_t)gen);
+        if (atomic_load(&workers[i].sleeping))
+            syscall(SYS_futex, &workers[i].generation, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+    }
+    take_chunks(gen);
+    while (atomic_load(&chunks_done) < chunks) _mm_pause();
+    pthread_mutex_unlock(&pool_lock);
+}
+
+void matmul(const void *x, int64_t rows, int64_t x_stride, const void *w, int64_t n, int64_t k, const void *bias,
+            void *out, int64_t out_stride, int bf, int threads) {
+    product_t p = {.x = x, .w = w, .bias = bias, .out = out, .rows = rows, .n = n, .k = k, .x_stride = x_stride,
+                   .out_stride = out_stride, .bf = bf};
+    /* chunks of at least about 64 KiB of weights, to pay for taking one; small enough that a thread that
+     * runs late leaves little for the others to wait for */
+    const int64_t block_bytes = steps(k, bf) * 256, blocks_total = (n + BLOCK - 1) / BLOCK;
+    p.chunk = 65536 / block_bytes > 1 ? 65536 / block_bytes : 1;
+    parallel_chunks(run_chunk, &p, (blocks_total + p.chunk - 1) / p.chunk, threads);
+}
+
+#endif

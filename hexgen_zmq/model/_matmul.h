@@ -1,0 +1,18 @@
+/* Matrix products against a weight in a blocked layout, on AVX-512, over a pool of threads (_matmul.c). */
+#pragma once
+#include <stdint.h>
+
+/* Whether this CPU runs matmul for float32 (bf = 0) or bfloat16 (bf = 1) buffers. */
+int matmul_supported(int bf);
+
+/* The bytes of a [n, k] weight in matmul's blocked layout (64-byte aligned, as matmul reads it). */
+int64_t matmul_blocked_size(int64_t n, int64_t k, int bf);
+
+/* Copy a contiguous [n, k] weight into matmul's blocked layout. */
+void matmul_block_weight(const void *w, int64_t n, int64_t k, int bf, void *blocked);
+
+/* out[m, :n] = x[m, :k] . w[:n, :k]^T (+ bias[:n]) for m < rows, with w blocked by matmul_block_weight (and
+ * 64-byte aligned); all float32 or all bfloat16; bias contiguous, x and out with unit last strides; on up to
+ * `threads` threads. */
+void matmul(const void *x, int64_t rows, int64_t x_stride, const void *w, int64_t n, int64_t k, const void *bias,
+            void *out, int64_t out_stride, int bf, int threads);
