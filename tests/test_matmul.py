@@ -105,6 +105,8 @@ def test_blocked_linear_refuses_other_dtypes():
     other = torch.float64
     with pytest.raises(ValueError, match="holds"):
         blocked(torch.zeros(2, 8, dtype=other))
+    with pytest.raises(ValueError, match="do not run here"):  # its bytes would be read as float32's
+        kernels.BlockedLinear(nn.Linear(8, 4).to(torch.float16))
 
 
 @needs_blocked

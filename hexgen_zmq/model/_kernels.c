@@ -304,6 +304,10 @@ static PyObject *py_matmul_blocked_size(PyObject *self, PyObject *args) {
     long long n, k;
     int bf;
     if (!PyArg_ParseTuple(args, "LLp", &n, &k, &bf)) return NULL;
+    if (n < 1 || k < 1) {
+        PyErr_SetString(PyExc_ValueError, "matmul_blocked_size: bad sizes");
+        return NULL;
+    }
     return PyLong_FromLongLong(matmul_blocked_size(n, k, bf));
 }
 

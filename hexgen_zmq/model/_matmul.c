@@ -17,7 +17,9 @@
  *
  * Accuracy: float32 products are fused multiply-adds in float32; bfloat16 products use VDPBF16PS (products
  * of two bfloat16 values are exact in float32, summed in float32) and round the result once, to nearest
- * even, as oneDNN's bfloat16 product does. Only the order of the float32 sums differs.
+ * even, as oneDNN's bfloat16 product does. Only the order of the float32 sums differs, and for bfloat16
+ * denormal inputs and results count as zero (VDPBF16PS and VCVTNEPS2BF16 flush them), far below anything
+ * an activation or weight holds.
  */
 #include "_matmul.h"
 
@@ -36,7 +38,7 @@ void matmul(const void *x, int64_t rows, int64_t x_stride, const void *w, int64_
 #include <linux/futex.h>
 #include <pthread.h>
 #include <stdatomic.h>
-#include <string.h>
+#include <sched.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -74,13 +76,18 @@ static int64_t steps(int64_t k, int bf) { return bf ? (k + 1) / 2 : k; } /* loop
 int64_t matmul_blocked_size(int64_t n, int64_t k, int bf) { return (n + BLOCK - 1) / BLOCK * steps(k, bf) * 256; }
 
 void matmul_block_weight(const void *w, int64_t n, int64_t k, int bf, void *blocked) {
-    const int64_t per_step = bf ? 2 : 1, size = bf ? 2 : 4, block_bytes = steps(k, bf) * 256;
     memset(blocked, 0, (size_t)matmul_blocked_size(n, k, bf));
+    const int64_t count = steps(k, bf);
     for (int64_t f = 0; f < n; f++) {
-        char *block = (char *)blocked + f / BLOCK * block_bytes;
-        for (int64_t i = 0; i < k; i++) {
-            const int64_t at = ((i / per_step) * BLOCK + f % BLOCK) * per_step + i % per_step;
-            memcpy(block + at * size, (const char *)w + (f * k + i) * size, (size_t)size);
+        const int64_t block = f / BLOCK * count * BLOCK, lane = f % BLOCK; /* in steps of 4 bytes */
+        if (bf) { /* step i holds the pairs (2i, 2i + 1) of the block's 64 features side by side */
+            const uint16_t *row = (const uint16_t *)w + f * k;
+            uint16_t *out = blocked;
+            for (int64_t i = 0; i < k; i++) out[2 * (block + (i / 2) * BLOCK + lane) + i % 2] = row[i];
+        } else { /* step i holds input i of the block's 64 features */
+            const float *row = (const float *)w + f * k;
+            float *out = blocked;
+            for (int64_t i = 0; i < k; i++) out[block + i * BLOCK + lane] = row[i];
         }
     }
 }
@@ -183,6 +190,7 @@ static void run_chunk(void *ctx, int64_t chunk) {
 typedef struct {
     _Atomic uint32_t generation; /* its futex word: the latest job's generation (low 32 bits) */
     _Atomic int sleeping;
+    uint64_t started_at; /* the generation before the job that started it, so that it joins that job */
 } worker_t;
 
 static _Atomic uint64_t job_word; /* generation << 40 | threads << 32 | chunks left */
@@ -219,7 +227,7 @@ static void take_chunks(uint64_t gen) {
 static void *worker_main(void *arg) {
     const int index = (int)(intptr_t)arg; /* joins the jobs that allow more than `index` threads */
     worker_t *self = &workers[index];
-    uint64_t seen = GEN(atomic_load(&job_word));
+    uint64_t seen = self->started_at;
     int helped = 0;
     for (;;) {
         uint64_t word = atomic_load(&job_word);
@@ -246,12 +254,18 @@ static void *worker_main(void *arg) {
     return NULL;
 }
 
-static void forget_workers(void) { worker_count = 0; } /* in a forked child: the threads did not come along */
+/* fork: no job may be under way (the pool's lock is taken around it), and the child starts without workers */
+static void lock_pool(void) { pthread_mutex_lock(&pool_lock); }
+static void unlock_pool(void) { pthread_mutex_unlock(&pool_lock); }
+static void forked_child(void) {
+    worker_count = 0; /* the threads did not come along; new ones start on the next product */
+    pthread_mutex_init(&pool_lock, NULL);
+}
 
 /* Start workers until there are `wanted` (at most one fewer than the CPUs); returns how many there are. */
 static int start_workers(int wanted) {
     if (worker_limit < 0) {
-        pthread_atfork(NULL, NULL, forget_workers);
+        pthread_atfork(lock_pool, unlock_pool, forked_child);
         long cpus = sysconf(_SC_NPROCESSORS_ONLN);
         worker_limit = cpus - 1 < MAX_WORKERS ? (int)(cpus > 1 ? cpus - 1 : 0) : MAX_WORKERS;
     }
@@ -263,6 +277,7 @@ static int start_workers(int wanted) {
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
         const int index = worker_count + 1;
         atomic_store(&workers[index].sleeping, 0);
+        workers[index].started_at = GEN(atomic_load(&job_word));
         const int failed = pthread_create(&thread, &attr, worker_main, (void *)(intptr_t)index);
         pthread_attr_destroy(&attr);
         if (failed) {
@@ -278,12 +293,11 @@ static int start_workers(int wanted) {
 static void parallel_chunks(void (*fn)(void *, int64_t), void *ctx, int64_t chunks, int threads) {
     pthread_mutex_lock(&pool_lock); /* one job at a time per process */
     if (threads > worker_count + 1) threads = start_workers(threads - 1) + 1;
-    if (threads <= 1 || chunks <= 1) {
+    if (threads <= 1 || chunks <= 1 || chunks > 0xffffffffLL) {
         for (int64_t c = 0; c < chunks; c++) fn(ctx, c);
         pthread_mutex_unlock(&pool_lock);
         return;
     }
-    if (threads > 255) threads = 255;
     job_fn = fn;
     job_ctx = ctx;
     job_chunks = chunks;
@@ -296,7 +310,12 @@ static void parallel_chunks(void (*fn)(void *, int64_t), void *ctx, int64_t chun
             syscall(SYS_futex, &workers[i].generation, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
     }
     take_chunks(gen);
-    while (atomic_load(&chunks_done) < chunks) _mm_pause();
+    /* the last chunks are the workers'; a worker the OS preempted holds one until it runs again, so after
+     * a while give way (it may be waiting for this core) */
+    for (int spins = 0; atomic_load(&chunks_done) < chunks; spins++) {
+        if (spins < 20000) _mm_pause();
+        else sched_yield();
+    }
     pthread_mutex_unlock(&pool_lock);
 }
 

@@ -241,14 +241,18 @@ class BlockedLinear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         weight = linear.weight.detach().contiguous()
+        if weight.dtype not in KERNEL_DTYPES or weight.device.type != "cpu" or not blocked_usable(weight.dtype):
+            raise ValueError(f"BlockedLinear: {weight.dtype} weights on {weight.device} do not run here")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.dtype, self.bf16 = weight.dtype, weight.dtype == torch.bfloat16
         size = _kernels.matmul_blocked_size(self.out_features, self.in_features, self.bf16)
-        self.blocked = torch.empty(size + 64, dtype=torch.uint8)  # 64 spare bytes: the data is 64-byte aligned
+        # 64 spare bytes: the kernel reads the blocks from a 64-byte-aligned start
+        self.register_buffer("blocked", torch.empty(size + 64, dtype=torch.uint8), persistent=False)
         self.offset = -self.blocked.data_ptr() % 64
         _kernels.matmul_block_weight(weight.data_ptr(), self.out_features, self.in_features, self.bf16,
                                      self.blocked.data_ptr() + self.offset)
-        self.bias = None if linear.bias is None else linear.bias.detach().to(self.dtype).contiguous()
+        bias = None if linear.bias is None else linear.bias.detach().to(self.dtype).contiguous()
+        self.register_buffer("bias", bias, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.dtype or x.device.type != "cpu":
@@ -258,9 +262,10 @@ class BlockedLinear(nn.Module):
             rows = rows.contiguous()
         n = rows.shape[0]
         out = torch.empty(n, self.out_features, dtype=self.dtype)
+        blocked, bias = self.blocked, self.bias  # held here while the C code (without the GIL) reads them
         if n:
-            _kernels.matmul(rows.data_ptr(), n, rows.stride(0), self.blocked.data_ptr() + self.offset,
-                            self.out_features, self.in_features, 0 if self.bias is None else self.bias.data_ptr(),
+            _kernels.matmul(rows.data_ptr(), n, rows.stride(0), blocked.data_ptr() + self.offset,
+                            self.out_features, self.in_features, 0 if bias is None else bias.data_ptr(),
                             out.data_ptr(), self.out_features, self.bf16, torch.get_num_threads())
         return out.view(*x.shape[:-1], self.out_features)
 
