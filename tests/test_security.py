@@ -116,3 +116,24 @@ def test_up_refuses_a_deployment_off_loopback_without_keys(tmp_path, tiny_model)
     result = subprocess.run([sys.executable, "-m", "hexgen_zmq.cli", "up", str(path), "--host", "a"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "not on loopback" in result.stderr and "security: insecure" in result.stderr
+
+
+def test_up_http_gives_its_gateway_a_client_key_where_the_broker_is_a_curve_server(keys):
+    """`up --http` starts a gateway, a client of the broker: off loopback under CURVE it needs a key from
+    security.client_keys (a host's key may only ask for status), so `up` refuses without one and passes
+    one on to `serve --keys`."""
+    from hexgen_zmq.cli import build_parser
+    from hexgen_zmq.operations.commands import gateway_key_problem, serve_options
+
+    deployment = load_deployment(three_hosts(keys[1]), check_checkpoint=False)
+    problem = gateway_key_problem(deployment, None)
+    assert "--gateway-keys" in problem and "security.client_keys" in problem and "tcp://10.9.0.2:5555" in problem
+    assert gateway_key_problem(deployment, str(keys[0])) is None
+    assert gateway_key_problem(load_deployment(three_hosts(None, security="insecure"), check_checkpoint=False),
+                               None) is None
+    args = build_parser().parse_args(["up", "d.yaml", "--keys", "host-keys", "--http", "127.0.0.1:8000",
+                                      "--gateway-keys", "gw.key_secret"])
+    again = build_parser().parse_args(["serve", "--config", "d.yaml", *serve_options(args)])
+    assert again.keys == "gw.key_secret"
+    plain = build_parser().parse_args(["up", "d.yaml", "--http", "127.0.0.1:8000"])
+    assert "--keys" not in serve_options(plain)

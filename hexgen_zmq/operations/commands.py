@@ -152,6 +152,26 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="stream N tokens per chunk after the first (fewer, larger writes under load; default 1)")
     if not any(a.dest == "keys" for a in p._actions):  # `up` has its host's --keys; serve a client's
         add_client_keys(p)
+    else:
+        p.add_argument("--gateway-keys", default=None,
+                       help="the gateway's own client key (" + CLIENT_KEYS_HELP + "), listed in security.client_keys:"
+                            " needed when the broker's clients endpoint is off loopback (CURVE)")
+
+
+def gateway_key_problem(deployment, gateway_keys: str | None) -> str | None:
+    """Why `up --http` cannot start its gateway on this deployment, or None: a gateway is a client of the
+    broker, and a CURVE broker takes requests only from the client keys the deployment lists, not from a
+    host's key."""
+    from hexgen_zmq.operations.deployment import endpoint_host, is_loopback
+    from hexgen_zmq.wire.security import security_mode
+
+    if gateway_keys is not None or security_mode(deployment) != "curve":
+        return None
+    if is_loopback(endpoint_host(deployment.broker.clients)):
+        return None
+    return (f"--http: the broker's clients endpoint {deployment.broker.clients} is a CURVE server, which takes "
+            "requests only from a key in security.client_keys: give the gateway one with --gateway-keys "
+            "(make it with `hexgen-zmq keys`, then list its public key there)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -272,6 +292,8 @@ def serve_options(args: argparse.Namespace) -> list[str]:
     for name in ("api_key_file", "ssl_certfile", "ssl_keyfile", "model_name"):
         if (value := getattr(args, name)) is not None:
             out += ["--" + name.replace("_", "-"), str(value)]
+    if getattr(args, "gateway_keys", None) is not None:  # `up`'s key for its gateway: `serve --keys`
+        out += ["--keys", str(args.gateway_keys)]
     out += ["--default-chat-tokens", str(args.default_chat_tokens), "--stream-interval", str(args.stream_interval)]
     if args.access_log:
         out.append("--access-log")
@@ -309,6 +331,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"hexgen-zmq: {exc}", file=sys.stderr)
         return 1
     deployment = supervisor.deployment
+    if args.http is not None and (problem := gateway_key_problem(deployment, args.gateway_keys)):
+        print(f"hexgen-zmq: {problem}", file=sys.stderr)
+        supervisor.stop()
+        return 2
     layout = ", ".join(f"{p.id}: " + " -> ".join(f"{s.id}[{s.layers[0]},{s.layers[1]})x{s.tp}" for s in p.stages)
                        for p in deployment.pipelines)
     where = f" on host {args.host} ({', '.join(sorted(supervisor.wanted))})" if args.host else ""
