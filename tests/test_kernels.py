@@ -43,7 +43,10 @@ TOLERANCE = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.bfloat16: {"rtol
 @needs_kernel
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 4, 32), (9, 3, 64), (16, 2, 128), (4, 4, 24), (6, 1, 8)])
-def test_decode_attention_matches_sdpa(heads, kv_heads, head_dim, dtype):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_attention_matches_sdpa(heads, kv_heads, head_dim, dtype, threads, monkeypatch):
+    """One request per chunk of the thread pool, each with its own scratch: any thread count, same answer."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     gen = torch.Generator().manual_seed(heads * 100 + head_dim)
     slots, tokens = 300, 7
     k_pool = torch.randn(slots, kv_heads, head_dim, generator=gen).to(dtype)
@@ -179,6 +182,8 @@ def test_layer_ops_match_their_torch_versions(dtype):
     torch.testing.assert_close(fast, kernels.rms_norm(x, weight, 1e-6, False))
     gate_up = (torch.randn(5, 2 * 44, generator=gen) * 30).to(dtype)  # large values: the exp's clamping matters
     torch.testing.assert_close(kernels.silu_mul(gate_up, True), kernels.silu_mul(gate_up, False))
+    wide = (torch.randn(61, 2 * 700, generator=gen) * 30).to(dtype)  # several chunks of rows on the pool
+    torch.testing.assert_close(kernels.silu_mul(wide, True), kernels.silu_mul(wide, False))
     tokens, q_heads, kv_heads, head_dim, slots = 6, 4, 2, 16, 40
     qkv = torch.randn(tokens, q_heads + 2 * kv_heads, head_dim, generator=gen).to(dtype)
     angles = torch.randn(tokens, 1, head_dim, generator=gen)

@@ -234,13 +234,34 @@ static PyObject *py_rms_norm(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* silu * up over the pool's threads: a few rows per chunk. */
+typedef struct {
+    const char *gu;
+    char *out;
+    int64_t rows, inter, gu_stride, per_chunk, size;
+    int bf;
+} silu_job_t;
+
+static void silu_chunk(void *ctx, int64_t c) {
+    const silu_job_t *j = ctx;
+    const int64_t r0 = c * j->per_chunk, n = j->rows - r0 < j->per_chunk ? j->rows - r0 : j->per_chunk;
+    (j->bf ? silu_mul_bf16 : silu_mul_f32)(j->gu + r0 * j->gu_stride * j->size, n, j->inter, j->gu_stride,
+                                           j->out + r0 * j->inter * j->size);
+}
+
 static PyObject *py_silu_mul(PyObject *self, PyObject *args) {
     unsigned long long gu, out;
     long long rows, inter, gu_stride;
-    int bf;
-    if (!PyArg_ParseTuple(args, "KLLLKp", &gu, &rows, &inter, &gu_stride, &out, &bf)) return NULL;
+    int bf, threads = 1;
+    if (!PyArg_ParseTuple(args, "KLLLKp|i", &gu, &rows, &inter, &gu_stride, &out, &bf, &threads)) return NULL;
+    if (rows < 0 || inter < 1 || threads < 1) {
+        PyErr_SetString(PyExc_ValueError, "silu_mul: bad sizes");
+        return NULL;
+    }
+    const int64_t per_chunk = inter >= 8192 ? 1 : 8192 / inter; /* about 8192 outputs per chunk */
+    silu_job_t job = {(const char *)gu, (char *)out, rows, inter, gu_stride, per_chunk, bf ? 2 : 4, bf};
     Py_BEGIN_ALLOW_THREADS
-    (bf ? silu_mul_bf16 : silu_mul_f32)((const void *)gu, rows, inter, gu_stride, (void *)out);
+    pool_run(silu_chunk, &job, (rows + per_chunk - 1) / per_chunk, threads);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -260,24 +281,44 @@ static PyObject *py_rope_store(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* Decode attention over the pool's threads: one request per chunk, each with its own scratch. */
+typedef struct {
+    const void *q, *k_pool, *v_pool;
+    const int64_t *slots, *lengths, *rows;
+    void *out;
+    float *scratch;
+    int64_t q_stride_t, q_stride_h, slots_stride, out_stride_t, heads, kv_heads, head_dim, scratch_per;
+    float scale;
+    int bf;
+} attention_job_t;
+
+static void attention_chunk(void *ctx, int64_t b) {
+    const attention_job_t *j = ctx;
+    (j->bf ? decode_attention_bf16 : decode_attention_f32)(
+        j->q, j->q_stride_t, j->q_stride_h, j->k_pool, j->v_pool, j->slots + b * j->slots_stride, j->slots_stride,
+        j->lengths + b, j->rows + b, j->out, j->out_stride_t, 1, j->heads, j->kv_heads, j->head_dim, j->scale,
+        j->scratch + b * j->scratch_per);
+}
+
 static PyObject *py_decode_attention(PyObject *self, PyObject *args) {
     unsigned long long q, k_pool, v_pool, slots, lengths, rows, out, scratch;
-    long long q_stride_t, q_stride_h, slots_stride, out_stride_t, batch, heads, kv_heads, head_dim;
+    long long q_stride_t, q_stride_h, slots_stride, out_stride_t, batch, heads, kv_heads, head_dim, scratch_per;
     double scale;
-    int bf;
-    if (!PyArg_ParseTuple(args, "KLLKKKLKKKLLLLLdKp", &q, &q_stride_t, &q_stride_h, &k_pool, &v_pool, &slots,
+    int bf, threads;
+    if (!PyArg_ParseTuple(args, "KLLKKKLKKKLLLLLdKLpi", &q, &q_stride_t, &q_stride_h, &k_pool, &v_pool, &slots,
                           &slots_stride, &lengths, &rows, &out, &out_stride_t, &batch, &heads, &kv_heads,
-                          &head_dim, &scale, &scratch, &bf))
+                          &head_dim, &scale, &scratch, &scratch_per, &bf, &threads))
         return NULL;
-    if (batch < 0 || heads <= 0 || kv_heads <= 0 || head_dim <= 0 || heads % kv_heads) {
+    if (batch < 0 || heads <= 0 || kv_heads <= 0 || head_dim <= 0 || heads % kv_heads || threads < 1) {
         PyErr_SetString(PyExc_ValueError, "decode_attention: bad sizes");
         return NULL;
     }
+    attention_job_t job = {(const void *)q, (const void *)k_pool, (const void *)v_pool, (const int64_t *)slots,
+                           (const int64_t *)lengths, (const int64_t *)rows, (void *)out, (float *)scratch,
+                           q_stride_t, q_stride_h, slots_stride, out_stride_t, heads, kv_heads, head_dim,
+                           scratch_per, (float)scale, bf};
     Py_BEGIN_ALLOW_THREADS
-    (bf ? decode_attention_bf16 : decode_attention_f32)(
-        (const void *)q, q_stride_t, q_stride_h, (const void *)k_pool, (const void *)v_pool, (const int64_t *)slots,
-        slots_stride, (const int64_t *)lengths, (const int64_t *)rows, (void *)out, out_stride_t, batch, heads,
-        kv_heads, head_dim, (float)scale, (float *)scratch);
+    pool_run(attention_chunk, &job, batch, threads);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }

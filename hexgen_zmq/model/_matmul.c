@@ -32,6 +32,9 @@ int64_t matmul_blocked_size(int64_t n, int64_t k, int bf) { return 0; }
 void matmul_block_weight(const void *w, int64_t n, int64_t k, int bf, void *blocked) {}
 void matmul(const void *x, int64_t rows, int64_t x_stride, const void *w, int64_t n, int64_t k, const void *bias,
             void *out, int64_t out_stride, int bf, int threads) {}
+void pool_run(void (*fn)(void *, int64_t), void *ctx, int64_t chunks, int threads) {
+    for (int64_t c = 0; c < chunks; c++) fn(ctx, c);
+}
 #else
 
 #include <immintrin.h>
@@ -290,7 +293,7 @@ static int start_workers(int wanted) {
 }
 
 /* Run fn(ctx, 0 .. chunks-1) on this thread and up to threads - 1 workers; returns when all are done. */
-static void parallel_chunks(void (*fn)(void *, int64_t), void *ctx, int64_t chunks, int threads) {
+void pool_run(void (*fn)(void *, int64_t), void *ctx, int64_t chunks, int threads) {
     pthread_mutex_lock(&pool_lock); /* one job at a time per process */
     if (threads > worker_count + 1) threads = start_workers(threads - 1) + 1;
     if (threads <= 1 || chunks <= 1 || chunks > 0xffffffffLL) {
@@ -327,7 +330,7 @@ void matmul(const void *x, int64_t rows, int64_t x_stride, const void *w, int64_
      * runs late leaves little for the others to wait for */
     const int64_t block_bytes = steps(k, bf) * 256, blocks_total = (n + BLOCK - 1) / BLOCK;
     p.chunk = 65536 / block_bytes > 1 ? 65536 / block_bytes : 1;
-    parallel_chunks(run_chunk, &p, (blocks_total + p.chunk - 1) / p.chunk, threads);
+    pool_run(run_chunk, &p, (blocks_total + p.chunk - 1) / p.chunk, threads);
 }
 
 #endif

@@ -16,3 +16,7 @@ void matmul_block_weight(const void *w, int64_t n, int64_t k, int bf, void *bloc
  * `threads` threads. */
 void matmul(const void *x, int64_t rows, int64_t x_stride, const void *w, int64_t n, int64_t k, const void *bias,
             void *out, int64_t out_stride, int bf, int threads);
+
+/* Run fn(ctx, c) for every c in 0 .. chunks-1, on this thread and up to threads - 1 of the pool's workers,
+ * which take chunks as they come free; returns when all are done. One job at a time per process. */
+void pool_run(void (*fn)(void *, int64_t), void *ctx, int64_t chunks, int threads);
