@@ -1,11 +1,7 @@
-"""The broker's dispatch policy, mirrored for the simulator (the planner does not import the runtime).
+"""The broker's dispatch policy for the simulator: the broker's own (`hexgen_zmq.serving.pace`, plain
+Python) over a record of what the broker knows of each pipeline.
 
-`hexgen_zmq.serving.broker_state` sends a request to the pipeline, among those whose KV budget holds it, where it
-would get its tokens soonest: each pipeline's moving average of the time between two tokens of one request
-(`pace_s`, updated once per step's token message with weight PACE_WEIGHT), scaled by the requests it would
-then hold over the requests it held while that pace was seen; until every candidate has shown a pace, the
-fewest requests in flight. This module is that code's twin, line for line, and
-`tests/planner/test_stepsim.py` replays a recorded trace of decisions through the broker's own
+`tests/planner/test_stepsim.py` replays a recorded trace of decisions through the broker's
 `BrokerState.dispatch_order` to check that the two agree.
 """
 
@@ -13,16 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-PACE_WEIGHT = 0.2  # hexgen_zmq.serving.broker_state.PACE_WEIGHT
-BLOCK_SIZE = 16  # hexgen_zmq.stage.block_manager.BLOCK_SIZE: KV blocks are reserved in these many tokens
+from hexgen_zmq.serving.pace import PACE_WEIGHT, PaceEstimate, dispatch_key
+from hexgen_zmq.stage.block_manager import BLOCK_SIZE, blocks_for
 
-
-def blocks_for(tokens: int, block_size: int = BLOCK_SIZE) -> int:
-    return -(-tokens // block_size)
+__all__ = ["BLOCK_SIZE", "PACE_WEIGHT", "PaceState", "blocks_for", "choose", "dispatch_order"]
 
 
 @dataclass(eq=False)
-class PaceState:
+class PaceState(PaceEstimate):
     """What the broker knows of one pipeline when it dispatches (PipelineState's dispatch fields)."""
 
     capacity_blocks: int
@@ -31,26 +25,8 @@ class PaceState:
     pace_s: float | None = None
     pace_load: float = 1.0
 
-    def observe_pace(self, seconds: float, load: int) -> None:
-        """One step's tokens came back: `seconds` since the previous token of the same requests, on average."""
-        if self.pace_s is None:
-            self.pace_s, self.pace_load = seconds, float(max(load, 1))
-        else:
-            self.pace_s += PACE_WEIGHT * (seconds - self.pace_s)
-            self.pace_load += PACE_WEIGHT * (max(load, 1) - self.pace_load)
 
-    def expected_pace_s(self) -> float:
-        return (self.pace_s or 0.0) * (len(self.in_flight) + 1) / self.pace_load
-
-
-def dispatch_order(candidates: list[PaceState]):
-    """Sort key among pipelines that can hold a request (BrokerState.dispatch_order)."""
-    paced = all(p.pace_s is not None for p in candidates)
-
-    def key(p: PaceState) -> tuple:
-        load = p.reserved_blocks / max(p.capacity_blocks, 1)
-        return (p.expected_pace_s() if paced else 0.0, len(p.in_flight), load)
-    return key
+dispatch_order = dispatch_key  # BrokerState.dispatch_order
 
 
 def choose(pipelines: list[PaceState], blocks: int) -> int | None:

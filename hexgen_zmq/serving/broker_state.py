@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from hexgen_zmq.serving.pace import PACE_WEIGHT, PaceEstimate, dispatch_key  # noqa: F401 (PACE_WEIGHT: as before)
 from hexgen_zmq.stage.block_manager import BLOCK_SIZE, blocks_for
 from hexgen_zmq.operations.deployment import Deployment, PipelineSpec
 from hexgen_zmq.wire.messages import (BrokerEpoch, Cancel, CancelRequest, ErrorEvent, GenerateRequest, Heartbeat, HostReport,
@@ -30,7 +31,6 @@ EPOCH_EVERY_S = 1.0  # how often first stages are reminded which broker incarnat
 LONG_STEP_S = 1.0  # a step running this long, as a heartbeat reports it, holds off the progress watchdog
 MAX_PROMPT_CHARS = 4_000_000  # text and chat prompts beyond this are refused before tokenizing
 HOST_REPORT_KEPT_S = 30.0  # a supervisor not heard from for this long drops out of `status`
-PACE_WEIGHT = 0.2  # of each step's new sample in a pipeline's pace (about the last 5 steps count)
 
 
 class RequestError(ValueError):
@@ -40,7 +40,7 @@ class RequestError(ValueError):
 
 
 @dataclass
-class PipelineState:
+class PipelineState(PaceEstimate):
     spec: PipelineSpec
     version: str = ""  # Deployment.pipeline_version: stage messages of another version are not this pipeline's
     key: str = ""  # in the broker's tables: the id while current, "ID@VERSION" once a redeploy retired it
@@ -62,22 +62,7 @@ class PipelineState:
     rejected_peers: dict[str, dict[str, int]] = field(default_factory=dict)  # per stage: refused peers
     long_step_seen: float = 0.0  # when a stage last reported a step that had run LONG_STEP_S, not yet stuck
     pace_s: float | None = None  # seconds between two tokens of one request here (moving average)
-    pace_load: float = 1.0  # requests in flight while that pace was seen (same average)
-
-    def observe_pace(self, seconds: float, load: int) -> None:
-        """One step's tokens came back: `seconds` since the previous token of the same requests, on average."""
-        if self.pace_s is None:
-            self.pace_s, self.pace_load = seconds, float(max(load, 1))
-        else:
-            self.pace_s += PACE_WEIGHT * (seconds - self.pace_s)
-            self.pace_load += PACE_WEIGHT * (max(load, 1) - self.pace_load)
-
-    def expected_pace_s(self) -> float:
-        """The pace a request joining now would see, taking time per step as proportional to the requests in
-        flight. That overstates what one more request costs a lightly loaded pipeline, so it errs towards
-        spreading requests out; but it follows the load as soon as requests come or go, before any step has
-        shown the change, and a faster pipeline ends up holding more requests than a slower one."""
-        return (self.pace_s or 0.0) * (len(self.in_flight) + 1) / self.pace_load
+    pace_load: float = 1.0  # requests in flight while that pace was seen (same average); see serving/pace.py
 
     @property
     def ready(self) -> bool:
@@ -513,15 +498,8 @@ class BrokerState:
 
     @staticmethod
     def dispatch_order(candidates: list[PipelineState]):
-        """Sort key among pipelines that can hold a request: the pace it would see (the pipelines' speeds
-        differ), then the fewest requests in flight. Until every candidate has shown its pace, only the
-        count: a pipeline not yet measured would otherwise look infinitely fast and take everything."""
-        paced = all(p.pace_s is not None for p in candidates)
-
-        def key(p: PipelineState) -> tuple:
-            load = p.reserved_blocks / max(p.capacity_blocks, 1)
-            return (p.expected_pace_s() if paced else 0.0, len(p.in_flight), load)
-        return key
+        """Sort key among pipelines that can hold a request (`serving.pace.dispatch_key`)."""
+        return dispatch_key(candidates)
 
     def on_cancel_request(self, client: bytes, message: CancelRequest) -> None:
         key = (client, message.client_request_id)

@@ -143,3 +143,14 @@ def test_the_saturated_rate_bounds_what_a_burst_would_suggest():
     model = fixed(0.01, capacity_blocks=10 * blocks_for(32 + 10))
     assert saturated_rate([model], 32, 10) == pytest.approx(100, rel=0.15)
     assert saturated_rate([model, model], 32, 10) == pytest.approx(200, rel=0.15)
+
+
+def test_the_simulator_runs_the_brokers_own_pace_and_order_code():
+    """No copy to drift: the simulator's pipeline record and the broker's share the pace code, and the
+    simulator orders candidates with the broker's function."""
+    broker_state = pytest.importorskip("hexgen_zmq.serving.broker_state")
+    from hexgen_zmq.serving import pace
+
+    for name in ("observe_pace", "expected_pace_s"):
+        assert getattr(dispatch.PaceState, name) is getattr(broker_state.PipelineState, name)
+    assert dispatch.dispatch_order is pace.dispatch_key
