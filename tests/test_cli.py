@@ -196,3 +196,12 @@ def test_a_supervisor_for_a_host_given_nothing_yet_waits_for_the_file(tiny_model
         spare.stop()
     with pytest.raises(LaunchError, match="hosts: here, spare"):
         Supervisor(config, "elsewhere")
+
+
+def test_the_cli_loads_no_torch_before_a_subcommand_runs():
+    """Stage processes set OMP_WAIT_POLICY before torch loads (OpenMP reads it once): building the parser,
+    which imports every subcommand's module, must not import torch."""
+    code = ("import sys; from hexgen_zmq.cli import build_parser; build_parser(); "
+            "import hexgen_zmq.stage.core_share; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False", out.stderr
