@@ -46,9 +46,11 @@ void pool_run(void (*fn)(void *, int64_t), void *ctx, int64_t chunks, int thread
 #include <time.h>
 #include <unistd.h>
 
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
-#define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
-#define INLINE_AVX512 static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+/* One target for every kernel: the float32 ones use no bfloat16 instruction, and only run where
+ * matmul_supported says so. */
+#define TARGETS "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"
+#define AVX512BF16 __attribute__((target(TARGETS)))
+#define INLINE_AVX512 static inline __attribute__((always_inline, target(TARGETS)))
 
 int matmul_supported(int bf) {
     static int known = 0, f32, bf16;
