@@ -33,12 +33,38 @@ def hf_bf16_greedy(model_path: str, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
+def hf_bf16_tie(model_path: str, ids: list[int], ours: int, theirs: int) -> float:
+    """How far apart Hugging Face's bfloat16 logits for two next tokens after `ids` are, in bfloat16 ulps of
+    the larger (a bfloat16 has 8 significant bits: one ulp is about 2^-7 of the value)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16).eval()
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids])).logits[0, -1].float()
+    a, b = float(logits[ours]), float(logits[theirs])
+    ulp = 2.0 ** (torch.tensor(max(abs(a), abs(b))).log2().floor().item() - 7)
+    return abs(a - b) / ulp
+
+
 async def test_bfloat16_pipeline_with_tp_equals_hf_in_bfloat16(deployment, tiny_model):
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [100, 200, 300], [42] * 20]
+    """Token for token with Hugging Face's bfloat16, one request at a time, or parted only at a tie: where
+    the two pick different tokens, Hugging Face's own bfloat16 logits for them are at most an ulp or two apart
+    (the last bit of a sum rounds differently with another summation order or exp; seen on an AVX2 CPU,
+    where HF's top two were 3.140625 and 3.125 and the float32 oracle chose the deployment's token)."""
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [100, 200, 300], [42] * 20, [7, 300, 12, 12, 90]]
+    exact = 0
     async with Client.connect(deployment.address) as client:
         for prompt in prompts:
             result = await asyncio.wait_for(client.generate(prompt_ids=prompt, max_new_tokens=12), 60)
-            assert result.token_ids == hf_bf16_greedy(tiny_model, prompt, 12)
+            want = hf_bf16_greedy(tiny_model, prompt, 12)
+            if result.token_ids == want:
+                exact += 1
+                continue
+            at = next((i for i, (a, b) in enumerate(zip(result.token_ids, want)) if a != b), None)
+            assert at is not None, f"prompt {prompt}: {result.token_ids} and HF's {want} differ in length only"
+            gap = hf_bf16_tie(tiny_model, prompt + want[:at], result.token_ids[at], want[at])
+            assert gap <= 2, f"prompt {prompt}: parted from HF bf16 at token {at} by {gap:.1f} ulps, not a tie"
+    assert exact >= len(prompts) // 2  # ties are rare: most answers equal HF's whole
 
 
 async def test_bfloat16_under_batching_stays_close_to_its_oracle(deployment, tiny_model):

@@ -16,7 +16,7 @@ from hexgen_zmq.model import kernels
 from hexgen_zmq.stage import core_share
 
 DTYPES = [d for d in (torch.float32, torch.bfloat16) if kernels.blocked_usable(d)]
-needs_blocked = pytest.mark.skipif(not DTYPES, reason="no AVX-512 here, or the extension is not built")
+needs_blocked = pytest.mark.skipif(not DTYPES, reason="no AVX2 or AVX-512 here, or the extension is not built")
 SHAPES = [(1, 1), (3, 70), (37, 13), (64, 40), (576, 577), (1536, 5), (33, 129), (2, 64)]  # (in, out)
 
 
@@ -97,6 +97,25 @@ def test_blocked_linear_carries_nan_and_inf_as_the_product_does(dtype):
     with torch.inference_mode():
         out = blocked(x).float()
     assert out[0].isnan().all() and out[1].isinf().all() and (out[2] == 20).all()
+
+
+@pytest.mark.skipif(torch.bfloat16 not in DTYPES, reason="no bfloat16 products here")
+def test_bfloat16_products_can_come_out_as_float32_sums():
+    """`float_out`: the unrounded float32 sums (what a row-parallel part hands the all-reduce), within a float32
+    sum's error of the exact product, and rounding them gives exactly the bfloat16 output."""
+    gen = torch.Generator().manual_seed(3)
+    linear = nn.Linear(77, 45, bias=True)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(45, 77, generator=gen))
+        linear.bias.copy_(torch.randn(45, generator=gen))
+    linear = linear.to(torch.bfloat16)
+    blocked = kernels.BlockedLinear(linear)
+    with torch.inference_mode():
+        for rows in (1, 5, 7, 20):
+            x = torch.randn(rows, 77, generator=gen).to(torch.bfloat16)
+            sums = blocked(x, float_out=True)
+            check(sums, reference(x, linear), torch.float32)
+            assert torch.equal(sums.to(torch.bfloat16), blocked(x))
 
 
 @needs_blocked

@@ -101,6 +101,11 @@ INLINE void attend_one(const void *q, int64_t q_off, int64_t q_stride_h, const v
             scores[h * len + l] =
                 dot(q, q_off + h * q_stride_h, k_pool, krow + (h / group) * head_dim, head_dim, bf) * scale;
     }
+    /* softmax as torch's flash attention on a CPU computes it: the weights exp(s - max) unnormalised, in
+     * bfloat16 rounded before they multiply the values (their float32 sum unrounded), and the weighted sum
+     * times 1 / sum at the end. (Torch takes keys in blocks of 512 with a running max; for longer contexts
+     * the rounding of a weight can differ in its last bit.) */
+    float inverse[heads];
     for (int64_t h = 0; h < heads; h++) {
         float *sh = scores + h * len, top = -INFINITY, sum = 0.0f;
         for (int64_t l = 0; l < len; l++) top = sh[l] > top ? sh[l] : top;
@@ -108,8 +113,9 @@ INLINE void attend_one(const void *q, int64_t q_off, int64_t q_stride_h, const v
             sh[l] = exp_clamped(sh[l] - top);
             sum += sh[l];
         }
-        const float inv = 1.0f / sum;
-        for (int64_t l = 0; l < len; l++) sh[l] *= inv;
+        inverse[h] = 1.0f / sum;
+        if (bf)
+            for (int64_t l = 0; l < len; l++) sh[l] = rnd(sh[l], bf);
     }
     memset(acc, 0, sizeof(float) * heads * head_dim);
     for (int64_t l = 0; l < len; l++) { /* one pass over the values */
@@ -121,7 +127,9 @@ INLINE void attend_one(const void *q, int64_t q_off, int64_t q_stride_h, const v
             for (int64_t d = 0; d < head_dim; d++) ah[d] += p * ld(v_pool, vp + d, bf);
         }
     }
-    for (int64_t i = 0; i < heads * head_dim; i++) st(out, out_off + i, acc[i], bf);
+    for (int64_t h = 0; h < heads; h++)
+        for (int64_t d = 0; d < head_dim; d++)
+            st(out, out_off + h * head_dim + d, acc[h * head_dim + d] * inverse[h], bf);
 }
 
 /* q[t, h, :] at element t * q_stride_t + h * q_stride_h of q; pools are [slots, kv_heads, head_dim]
@@ -326,18 +334,20 @@ static PyObject *py_decode_attention(PyObject *self, PyObject *args) {
 static PyObject *py_matmul(PyObject *self, PyObject *args) {
     unsigned long long x, w, bias, out;
     long long rows, x_stride, n, k, out_stride;
-    int bf, threads;
-    if (!PyArg_ParseTuple(args, "KLLKLLKKLpi", &x, &rows, &x_stride, &w, &n, &k, &bias, &out, &out_stride, &bf,
-                          &threads))
+    int bf, threads, out_f32;
+    if (!PyArg_ParseTuple(args, "KLLKLLKKLpip", &x, &rows, &x_stride, &w, &n, &k, &bias, &out, &out_stride, &bf,
+                          &threads, &out_f32))
         return NULL;
     if (rows < 1 || n < 1 || k < 1 || threads < 1 || w % 64 || !matmul_supported(bf)) {
         PyErr_SetString(PyExc_ValueError, "matmul: bad sizes, an unaligned weight, or not supported on this CPU");
         return NULL;
     }
+    int failed;
     Py_BEGIN_ALLOW_THREADS
-    matmul((const void *)x, rows, x_stride, (const void *)w, n, k, (const void *)bias, (void *)out, out_stride, bf,
-           threads);
+    failed = matmul((const void *)x, rows, x_stride, (const void *)w, n, k, (const void *)bias, (void *)out,
+                    out_stride, bf, out_f32, threads);
     Py_END_ALLOW_THREADS
+    if (failed) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 

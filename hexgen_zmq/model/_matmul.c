@@ -1,5 +1,5 @@
 /* The matrix products of a CPU stage, x [rows, k] times a weight [n, k] transposed, float32 or bfloat16, on the
- * CPU's AVX-512 units, over a small pool of threads of our own.
+ * CPU's AVX-512 units (AVX2 and FMA where there is no AVX-512), over a small pool of threads of our own.
  *
  * Why: a decode step of one or a few rows reads every weight once and does little arithmetic on it, so its
  * speed is how fast the weights stream from memory. oneDNN's packed products stream about 10-14 GB/s at one
@@ -20,9 +20,17 @@
  * even, as oneDNN's bfloat16 product does. Only the order of the float32 sums differs, and for bfloat16
  * denormal inputs and results count as zero (VDPBF16PS and VCVTNEPS2BF16 flush them), far below anything
  * an activation or weight holds.
+ *
+ * Without AVX-512 (or without its bfloat16 dot products, for bfloat16) the same products run on AVX2 and
+ * FMA: blocks of 16 output features, six rows of two 8-float accumulators each in 16 registers. bfloat16
+ * weights stay bfloat16 in memory (half the bytes to stream, which is what a decode step waits for) and are
+ * widened to float32 as they are loaded, the inputs once per call; the products are float32 FMAs (exact for
+ * bfloat16 factors), and the sum is rounded once to nearest even as above, denormals kept. Where torch's
+ * oneDNN has no bfloat16 dot products, this is what makes bfloat16 weights worth having on such a CPU.
  */
 #include "_matmul.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 #if !(defined(__x86_64__) && defined(__GNUC__) && defined(__linux__))
@@ -30,8 +38,8 @@
 int matmul_supported(int bf) { return 0; }
 int64_t matmul_blocked_size(int64_t n, int64_t k, int bf) { return 0; }
 void matmul_block_weight(const void *w, int64_t n, int64_t k, int bf, void *blocked) {}
-void matmul(const void *x, int64_t rows, int64_t x_stride, const void *w, int64_t n, int64_t k, const void *bias,
-            void *out, int64_t out_stride, int bf, int threads) {}
+int matmul(const void *x, int64_t rows, int64_t x_stride, const void *w, int64_t n, int64_t k, const void *bias,
+           void *out, int64_t out_stride, int bf, int out_f32, int threads) { return -1; }
 void pool_run(void (*fn)(void *, int64_t), void *ctx, int64_t chunks, int threads) {
     for (int64_t c = 0; c < chunks; c++) fn(ctx, c);
 }
@@ -52,19 +60,29 @@ void pool_run(void (*fn)(void *, int64_t), void *ctx, int64_t chunks, int thread
 #define AVX512BF16 __attribute__((target(TARGETS)))
 #define INLINE_AVX512 static inline __attribute__((always_inline, target(TARGETS)))
 
-int matmul_supported(int bf) {
+#define AVX2 __attribute__((target("avx2,fma")))
+#define INLINE_AVX2 static inline __attribute__((always_inline, target("avx2,fma")))
+
+enum { ISA_NONE, ISA_AVX2, ISA_AVX512 };
+
+/* Which kernels run products of this dtype here: AVX-512 where it has what the dtype needs, else AVX2. */
+static int isa(int bf) {
     static int known = 0, f32, bf16;
     if (!known) {
         __builtin_cpu_init();
-        f32 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-        bf16 = f32 && __builtin_cpu_supports("avx512bf16");
+        const int avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+        const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        f32 = avx512 ? ISA_AVX512 : avx2 ? ISA_AVX2 : ISA_NONE;
+        bf16 = avx512 && __builtin_cpu_supports("avx512bf16") ? ISA_AVX512 : avx2 ? ISA_AVX2 : ISA_NONE;
         known = 1;
     }
     return bf ? bf16 : f32;
 }
 
-/* ---- the kernels ----
+int matmul_supported(int bf) { return isa(bf) != ISA_NONE; }
+
+/* ---- the AVX-512 kernels ----
  *
  * The weight is copied once, at load, into blocks of 64 output features. A block is read front to back as
  * one stream: for bfloat16, for each pair of inputs (k, k + 1) the 64 features' two weights side by side
@@ -75,24 +93,43 @@ int matmul_supported(int bf) {
 
 #define ROW_GROUP 6 /* rows per pass over a block: 6 x 4 accumulators + 4 weights + 1 input in 32 registers */
 #define BLOCK 64    /* output features per block */
+#define BLOCK2 16   /* on AVX2: 6 x 2 accumulators + 2 weights + 1 input in 16 registers */
 
 static int64_t steps(int64_t k, int bf) { return bf ? (k + 1) / 2 : k; } /* loop steps over the input axis */
 
-int64_t matmul_blocked_size(int64_t n, int64_t k, int bf) { return (n + BLOCK - 1) / BLOCK * steps(k, bf) * 256; }
+/* Output features per block, and bytes per block, of the layout this CPU's kernels read. */
+static int64_t block_features(int bf) { return isa(bf) == ISA_AVX512 ? BLOCK : BLOCK2; }
+static int64_t block_bytes(int64_t k, int bf) {
+    return isa(bf) == ISA_AVX512 ? steps(k, bf) * 256 : k * BLOCK2 * (bf ? 2 : 4);
+}
+
+int64_t matmul_blocked_size(int64_t n, int64_t k, int bf) {
+    const int64_t features = block_features(bf);
+    return (n + features - 1) / features * block_bytes(k, bf);
+}
 
 void matmul_block_weight(const void *w, int64_t n, int64_t k, int bf, void *blocked) {
     memset(blocked, 0, (size_t)matmul_blocked_size(n, k, bf));
     const int64_t count = steps(k, bf);
+    const int pairs = isa(bf) == ISA_AVX512 && bf; /* VDPBF16PS multiplies pairs of inputs */
+    const int64_t features = block_features(bf);
     for (int64_t f = 0; f < n; f++) {
-        const int64_t block = f / BLOCK * count * BLOCK, lane = f % BLOCK; /* in steps of 4 bytes */
-        if (bf) { /* step i holds the pairs (2i, 2i + 1) of the block's 64 features side by side */
+        const int64_t lane = f % features;
+        if (pairs) { /* step i holds the pairs (2i, 2i + 1) of the block's 64 features side by side */
+            const int64_t block = f / BLOCK * count * BLOCK; /* in steps of 4 bytes */
             const uint16_t *row = (const uint16_t *)w + f * k;
             uint16_t *out = blocked;
             for (int64_t i = 0; i < k; i++) out[2 * (block + (i / 2) * BLOCK + lane) + i % 2] = row[i];
-        } else { /* step i holds input i of the block's 64 features */
+        } else if (bf) { /* AVX2: step i holds input i of the block's 16 features */
+            const int64_t block = f / features * k * features;
+            const uint16_t *row = (const uint16_t *)w + f * k;
+            uint16_t *out = blocked;
+            for (int64_t i = 0; i < k; i++) out[block + i * features + lane] = row[i];
+        } else { /* step i holds input i of the block's features */
+            const int64_t block = f / features * k * features;
             const float *row = (const float *)w + f * k;
             float *out = blocked;
-            for (int64_t i = 0; i < k; i++) out[block + i * BLOCK + lane] = row[i];
+            for (int64_t i = 0; i < k; i++) out[block + i * features + lane] = row[i];
         }
     }
 }
@@ -100,8 +137,9 @@ void matmul_block_weight(const void *w, int64_t n, int64_t k, int bf, void *bloc
 typedef struct {
     const void *x, *w, *bias;
     void *out;
+    const float *xf; /* AVX2 bfloat16: the rows widened to float32, `k` apart */
     int64_t rows, n, k, x_stride, out_stride, chunk; /* chunk: blocks per chunk */
-    int bf;
+    int bf, isa, out_f32; /* out_f32: bfloat16 products written as float32 sums, unrounded */
 } product_t;
 
 typedef int32_t __attribute__((may_alias, aligned(2))) pair_t; /* two bfloat16 inputs, read as one word */
@@ -158,7 +196,7 @@ INLINE_AVX512 void block_rows(const product_t *p, int64_t b, int64_t r0, const i
             bias = _mm512_maskz_loadu_ps(mask, (const float *)p->bias + f0);
         for (int m = 0; m < R; m++) {
             const __m512 sum = _mm512_add_ps(acc[m][j], bias);
-            if (bf)
+            if (bf && !p->out_f32)
                 _mm256_mask_storeu_epi16((uint16_t *)p->out + (r0 + m) * p->out_stride + f0, mask,
                                          (__m256i)_mm512_cvtneps_pbh(sum)); /* rounded to nearest even */
             else
@@ -175,15 +213,134 @@ KERNEL(6, 1, bf16_6)
 static void (*const kernels[2][ROW_GROUP])(const product_t *, int64_t, int64_t) = {
     {f32_1, f32_2, f32_3, f32_4, f32_5, f32_6}, {bf16_1, bf16_2, bf16_3, bf16_4, bf16_5, bf16_6}};
 
+/* ---- the AVX2 kernels ----
+ *
+ * Blocks of 16 output features; step i of a block holds input i of its 16 features (float32, or bfloat16
+ * widened on load). Each step loads 2 vectors of 8 weights and, for each of up to ROW_GROUP rows,
+ * broadcasts that row's input (in float32) and accumulates into 2 vectors of 8 outputs. */
+
+/* 8 float32 to bfloat16, rounded to nearest even (a NaN stays a quiet NaN), in the low 128 bits. */
+INLINE_AVX2 __m128i bf16_round(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+    const __m256i nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+    r = _mm256_blendv_epi8(r, nan, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    /* 16-bit values in 32-bit lanes: pack (within each 128-bit lane), then bring the two low halves together */
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
+}
+
+INLINE_AVX2 __m256 bf16_widen(__m128i h) { /* 8 bfloat16 to float32: their bits in the top half */
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* out[row, f0 .. f0 + 8) = sum (+ bias), the features past n left alone. */
+INLINE_AVX2 void store8(const product_t *p, int64_t row, int64_t f0, __m256 sum, const int bf) {
+    const int64_t valid = p->n - f0 < 8 ? p->n - f0 : 8;
+    if (valid <= 0) return;
+    if (p->bias) {
+        float b32[8] = {0};
+        for (int64_t f = 0; f < valid; f++) {
+            if (bf) {
+                const uint32_t bits = (uint32_t)((const uint16_t *)p->bias)[f0 + f] << 16;
+                memcpy(&b32[f], &bits, 4);
+            } else
+                b32[f] = ((const float *)p->bias)[f0 + f];
+        }
+        sum = _mm256_add_ps(sum, _mm256_loadu_ps(b32));
+    }
+    if (bf && !p->out_f32) {
+        uint16_t *o = (uint16_t *)p->out + row * p->out_stride + f0, tmp[8];
+        const __m128i h = bf16_round(sum);
+        if (valid == 8) _mm_storeu_si128((__m128i *)o, h);
+        else {
+            _mm_storeu_si128((__m128i *)tmp, h);
+            memcpy(o, tmp, (size_t)valid * 2);
+        }
+    } else {
+        float *o = (float *)p->out + row * p->out_stride + f0, tmp[8];
+        if (valid == 8) _mm256_storeu_ps(o, sum);
+        else {
+            _mm256_storeu_ps(tmp, sum);
+            memcpy(o, tmp, (size_t)valid * 4);
+        }
+    }
+}
+
+/* Block `b` of the product for rows [r0, r0 + R), float32 (bf = 0) or bfloat16 (bf = 1). */
+INLINE_AVX2 void block_rows2(const product_t *p, int64_t b, int64_t r0, const int R, const int bf) {
+    const int64_t k = p->k, step_bytes = BLOCK2 * (bf ? 2 : 4);
+    const char *wb = (const char *)p->w + b * k * step_bytes;
+    const int64_t xs = bf ? k : p->x_stride;
+    const float *x = bf ? p->xf + r0 * k : (const float *)p->x + r0 * xs;
+    /* the accumulators as named variables: GCC keeps an array of them in memory too, a store per FMA */
+#define ACC(m) __m256 c##m##0 = _mm256_setzero_ps(), c##m##1 = _mm256_setzero_ps();
+    ACC(0) ACC(1) ACC(2) ACC(3) ACC(4) ACC(5)
+#undef ACC
+    for (int64_t i = 0; i < k; i++) {
+        const char *ws = wb + i * step_bytes;
+        _mm_prefetch(ws + 4096, _MM_HINT_T0);
+        __m256 w0, w1;
+        if (bf) {
+            w0 = bf16_widen(_mm_load_si128((const __m128i *)ws));
+            w1 = bf16_widen(_mm_load_si128((const __m128i *)(ws + 16)));
+        } else {
+            w0 = _mm256_load_ps((const float *)ws);
+            w1 = _mm256_load_ps((const float *)(ws + 32));
+        }
+#define FMA(m)                                                   \
+    if (R > m) {                                                 \
+        const __m256 xv = _mm256_broadcast_ss(x + m * xs + i);   \
+        c##m##0 = _mm256_fmadd_ps(w0, xv, c##m##0);              \
+        c##m##1 = _mm256_fmadd_ps(w1, xv, c##m##1);              \
+    }
+        FMA(0) FMA(1) FMA(2) FMA(3) FMA(4) FMA(5)
+#undef FMA
+    }
+    const int64_t f0 = b * BLOCK2;
+#define OUT(m)                                    \
+    if (R > m) {                                  \
+        store8(p, r0 + m, f0, c##m##0, bf);       \
+        store8(p, r0 + m, f0 + 8, c##m##1, bf);   \
+    }
+    OUT(0) OUT(1) OUT(2) OUT(3) OUT(4) OUT(5)
+#undef OUT
+}
+
+#define KERNEL2(R, bf, name) \
+    AVX2 static void name(const product_t *p, int64_t b, int64_t r0) { block_rows2(p, b, r0, R, bf); }
+KERNEL2(1, 0, f32x2_1) KERNEL2(2, 0, f32x2_2) KERNEL2(3, 0, f32x2_3) KERNEL2(4, 0, f32x2_4) KERNEL2(5, 0, f32x2_5)
+KERNEL2(6, 0, f32x2_6) KERNEL2(1, 1, bf16x2_1) KERNEL2(2, 1, bf16x2_2) KERNEL2(3, 1, bf16x2_3)
+KERNEL2(4, 1, bf16x2_4) KERNEL2(5, 1, bf16x2_5) KERNEL2(6, 1, bf16x2_6)
+static void (*const kernels2[2][ROW_GROUP])(const product_t *, int64_t, int64_t) = {
+    {f32x2_1, f32x2_2, f32x2_3, f32x2_4, f32x2_5, f32x2_6},
+    {bf16x2_1, bf16x2_2, bf16x2_3, bf16x2_4, bf16x2_5, bf16x2_6}};
+
+/* bfloat16 rows [rows, k] (x_stride apart) widened to float32 [rows, k], for the AVX2 kernels */
+AVX2 static void widen_rows(const uint16_t *x, int64_t rows, int64_t x_stride, int64_t k, float *out) {
+    for (int64_t m = 0; m < rows; m++) {
+        const uint16_t *row = x + m * x_stride;
+        float *o = out + m * k;
+        int64_t i = 0;
+        for (; i + 8 <= k; i += 8) _mm256_storeu_ps(o + i, bf16_widen(_mm_loadu_si128((const __m128i *)(row + i))));
+        for (; i < k; i++) {
+            const uint32_t bits = (uint32_t)row[i] << 16;
+            memcpy(o + i, &bits, 4);
+        }
+    }
+}
+
 static void run_chunk(void *ctx, int64_t chunk) {
     const product_t *p = ctx;
-    const int64_t blocks_total = (p->n + BLOCK - 1) / BLOCK, b0 = chunk * p->chunk;
+    const int64_t features = p->isa == ISA_AVX512 ? BLOCK : BLOCK2;
+    const int64_t blocks_total = (p->n + features - 1) / features, b0 = chunk * p->chunk;
     const int64_t b1 = b0 + p->chunk < blocks_total ? b0 + p->chunk : blocks_total;
     /* a block's weights come from memory for the first group of rows, from the cache for the others */
     for (int64_t b = b0; b < b1; b++)
         for (int64_t r0 = 0; r0 < p->rows; r0 += ROW_GROUP) {
             const int64_t rows = p->rows - r0 < ROW_GROUP ? p->rows - r0 : ROW_GROUP;
-            kernels[p->bf][rows - 1](p, b, r0);
+            if (p->isa == ISA_AVX512) kernels[p->bf][rows - 1](p, b, r0);
+            else kernels2[p->bf][rows - 1](p, b, r0);
         }
 }
 
@@ -324,15 +481,25 @@ void pool_run(void (*fn)(void *, int64_t), void *ctx, int64_t chunks, int thread
     pthread_mutex_unlock(&pool_lock);
 }
 
-void matmul(const void *x, int64_t rows, int64_t x_stride, const void *w, int64_t n, int64_t k, const void *bias,
-            void *out, int64_t out_stride, int bf, int threads) {
+int matmul(const void *x, int64_t rows, int64_t x_stride, const void *w, int64_t n, int64_t k, const void *bias,
+           void *out, int64_t out_stride, int bf, int out_f32, int threads) {
     product_t p = {.x = x, .w = w, .bias = bias, .out = out, .rows = rows, .n = n, .k = k, .x_stride = x_stride,
-                   .out_stride = out_stride, .bf = bf};
+                   .out_stride = out_stride, .bf = bf, .isa = isa(bf), .out_f32 = bf && out_f32};
+    float *widened = NULL;
+    if (p.isa == ISA_AVX2 && bf) {
+        widened = malloc((size_t)(rows * k) * sizeof(float));
+        if (!widened) return -1;
+        widen_rows(x, rows, x_stride, k, widened);
+        p.xf = widened;
+    }
     /* chunks of at least about 64 KiB of weights, to pay for taking one; small enough that a thread that
      * runs late leaves little for the others to wait for */
-    const int64_t block_bytes = steps(k, bf) * 256, blocks_total = (n + BLOCK - 1) / BLOCK;
-    p.chunk = 65536 / block_bytes > 1 ? 65536 / block_bytes : 1;
+    const int64_t bytes = block_bytes(k, bf), features = block_features(bf);
+    const int64_t blocks_total = (n + features - 1) / features;
+    p.chunk = 65536 / bytes > 1 ? 65536 / bytes : 1;
     pool_run(run_chunk, &p, (blocks_total + p.chunk - 1) / p.chunk, threads);
+    free(widened);
+    return 0;
 }
 
 #endif

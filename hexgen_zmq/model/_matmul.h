@@ -1,4 +1,4 @@
-/* Matrix products against a weight in a blocked layout, on AVX-512, over a pool of threads (_matmul.c). */
+/* Matrix products against a weight in a blocked layout, on AVX-512 or AVX2, over a pool of threads (_matmul.c). */
 #pragma once
 #include <stdint.h>
 
@@ -13,9 +13,10 @@ void matmul_block_weight(const void *w, int64_t n, int64_t k, int bf, void *bloc
 
 /* out[m, :n] = x[m, :k] . w[:n, :k]^T (+ bias[:n]) for m < rows, with w blocked by matmul_block_weight (and
  * 64-byte aligned); all float32 or all bfloat16; bias contiguous, x and out with unit last strides; on up to
- * `threads` threads. */
-void matmul(const void *x, int64_t rows, int64_t x_stride, const void *w, int64_t n, int64_t k, const void *bias,
-            void *out, int64_t out_stride, int bf, int threads);
+ * `threads` threads. With `out_f32`, bfloat16 products are written as their float32 sums, not rounded (out
+ * is then float32). Returns 0, or -1 when out of memory (nothing computed). */
+int matmul(const void *x, int64_t rows, int64_t x_stride, const void *w, int64_t n, int64_t k, const void *bias,
+           void *out, int64_t out_stride, int bf, int out_f32, int threads);
 
 /* Run fn(ctx, c) for every c in 0 .. chunks-1, on this thread and up to threads - 1 of the pool's workers,
  * which take chunks as they come free; returns when all are done. One job at a time per process. */

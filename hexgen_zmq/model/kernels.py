@@ -11,12 +11,12 @@ waste.
   of many rows on the pool too. Each falls back to the same function in torch for other devices and dtypes,
   or without the extension.
 - Linear layers with their weights copied once, at load, into blocks that `_matmul.c` streams on AVX-512
-  (float32 FMAs, or bfloat16 VDPBF16PS) over a pool of threads of its own (`BlockedLinear`). A decode step
+  (float32 FMAs, or bfloat16 VDPBF16PS), or on AVX2 and FMA (bfloat16 weights widened as they load), over a
+  pool of threads of its own (`BlockedLinear`). A decode step
   multiplies a few rows by every weight matrix, so it runs at the speed weights stream from memory; on
   this project's 2-core machine a SmolLM2 step's products at one row take 0.8x the time of oneDNN's packed
   ones (about 19 GB/s against 14), and about the same from 32 rows up. Where that is not built or the CPU
-  lacks AVX-512 (or its bfloat16 dot products, for bfloat16), the weights are packed once into oneDNN's
-  layout instead (`PackedLinear`): plain `F.linear` re-packs each weight on every call (1.6x slower per
+  lacks AVX2 and FMA, the weights are packed once into oneDNN's layout instead (`PackedLinear`): plain `F.linear` re-packs each weight on every call (1.6x slower per
   layer at 16 rows, 1.1x for 1024-row prompts). `HEXGEN_ZMQ_BLOCKED=0` chooses oneDNN where both work.
 
 All compute the same functions as the torch path, with float32 rounding in a different order (about 1e-6
@@ -240,7 +240,7 @@ class PackedLinear(nn.Module):
 
 def blocked_usable(dtype: torch.dtype) -> bool:
     """Whether `BlockedLinear` runs here for this dtype: the extension is built, switched on, and this CPU
-    has AVX-512 (and AVX512-BF16 for bfloat16)."""
+    has AVX-512 or AVX2 and FMA."""
     return (enabled() and dtype in KERNEL_DTYPES and os.environ.get("HEXGEN_ZMQ_BLOCKED", "1") != "0"
             and _kernels.matmul_supported(dtype == torch.bfloat16))
 
@@ -265,19 +265,21 @@ class BlockedLinear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().to(self.dtype).contiguous()
         self.register_buffer("bias", bias, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, float_out: bool = False) -> torch.Tensor:
+        """x [..., in] -> [..., out] in the weights' dtype; with `float_out`, the float32 sums unrounded (for
+        bfloat16: a row-parallel part that an all-reduce adds to the others' before the one rounding)."""
         if x.dtype != self.dtype or x.device.type != "cpu":
             raise ValueError(f"BlockedLinear holds {self.dtype} weights on the CPU, not {x.dtype} {x.device} input")
         rows = x.reshape(-1, self.in_features)
         if rows.stride(1) != 1:
             rows = rows.contiguous()
         n = rows.shape[0]
-        out = torch.empty(n, self.out_features, dtype=self.dtype)
+        out = torch.empty(n, self.out_features, dtype=torch.float32 if float_out else self.dtype)
         blocked, bias = self.blocked, self.bias  # held here while the C code (without the GIL) reads them
         if n:
             _kernels.matmul(rows.data_ptr(), n, rows.stride(0), blocked.data_ptr() + self.offset,
                             self.out_features, self.in_features, 0 if bias is None else bias.data_ptr(),
-                            out.data_ptr(), self.out_features, self.bf16, torch.get_num_threads())
+                            out.data_ptr(), self.out_features, self.bf16, torch.get_num_threads(), float_out)
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -286,7 +288,7 @@ class BlockedLinear(nn.Module):
 
 def fast_linear(linear: nn.Linear) -> nn.Module:
     """The fastest form of a CPU linear layer here: BlockedLinear, else PackedLinear (callers check
-    `packing_usable` first)."""
+    `relayout_usable` first)."""
     return BlockedLinear(linear) if blocked_usable(linear.weight.dtype) else PackedLinear(linear)
 
 
@@ -334,6 +336,13 @@ def packing_usable(device: torch.device, dtype: torch.dtype) -> bool:
             log.info("%s linear layers stay unpacked: %s", dtype, exc)
             _packing_works[dtype] = False
     return _packing_works[dtype]
+
+
+def relayout_usable(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a stage's linear layers on this device and dtype are copied once, at load, into a faster layout:
+    `_matmul.c`'s blocks (AVX-512, or AVX2 and FMA: bfloat16 included, which oneDNN lacks on AVX2 CPUs and
+    torch then multiplies ten times slower than float32), else oneDNN's packed one."""
+    return device.type == "cpu" and (blocked_usable(dtype) or packing_usable(device, dtype))
 
 
 def pack_linears(module: nn.Module) -> int:

@@ -46,14 +46,22 @@ class KVPool:
 
 
 class RowParallel(nn.Module):
-    """A row-parallel linear layer: each rank holds some input columns; the all-reduce sums the parts."""
+    """A row-parallel linear layer: each rank holds some input columns; the all-reduce sums the parts.
 
-    def __init__(self, linear: nn.Linear, group: dist.ProcessGroup):
+    In bfloat16 on the CPU's own products (`kernels.BlockedLinear`) the parts are float32 sums, added by the
+    all-reduce in float32 and rounded once: the same one rounding as the whole product on one rank (and as
+    Hugging Face's bfloat16), where bfloat16 parts would be rounded twice more, once each and once summed."""
+
+    def __init__(self, linear: nn.Module, group: dist.ProcessGroup):
         super().__init__()
         self.linear = linear
         self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.linear, kernels.BlockedLinear) and self.linear.bf16:
+            y = self.linear(x, float_out=True)
+            dist.all_reduce(y, group=self.group)
+            return y.to(x.dtype)
         y = self.linear(x)
         dist.all_reduce(y, group=self.group)
         return y
@@ -84,7 +92,7 @@ class StageModel(nn.Module):
         local.intermediate_size = shard.mlp[1] - shard.mlp[0]
         local.head_dim = info.head_dim
         reader = CheckpointReader(info.path)
-        pack = kernels.packing_usable(device, dtype)  # float32 or bfloat16 on a CPU: weights re-laid out once
+        pack = kernels.relayout_usable(device, dtype)  # float32 or bfloat16 on a CPU: weights re-laid out once
         self.layers = nn.ModuleList()
         for index in range(self.start, self.end):
             with torch.device("meta"):
