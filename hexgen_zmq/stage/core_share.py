@@ -43,8 +43,8 @@ def passive_openmp() -> bool:
     That pool's workers spin briefly between the products of a step; OpenMP's threads, spinning by default
     after each of torch's parallel ops (sampling's reductions over the vocabulary, prompt steps), would fight
     them for the same cores. Measured: a SmolLM2 bfloat16 step of one row took 24.5 ms with spinning OpenMP
-    threads and 17.5 ms with sleeping ones. Where the products are oneDNN's instead (no AVX-512 with bfloat16
-    dot products, the extension missing or switched off), OpenMP keeps spinning: oneDNN forks a parallel
+    threads and 17.5 ms with sleeping ones. Where the products are oneDNN's instead (no AVX2 or AVX-512, the
+    extension missing or switched off), OpenMP keeps spinning: oneDNN forks a parallel
     region per product, and waking sleeping threads for each doubled that step's time."""
     if os.environ.get("HEXGEN_ZMQ_KERNELS", "1") == "0" or os.environ.get("HEXGEN_ZMQ_BLOCKED", "1") == "0":
         return "OMP_WAIT_POLICY" in os.environ
