@@ -373,7 +373,9 @@ def test_a_key_removed_by_a_redeploy_is_no_longer_admitted(cluster):
                    timeout=60)
 
     async def refused():
-        deadline = time.monotonic() + 20
+        # until the broker has the new key list, a request may be served, or wait (its pipelines converging
+        # to the new version on a loaded machine): neither is a refusal yet, so try again
+        deadline = time.monotonic() + 60
         while True:
             async with await cluster.connect() as client:
                 try:
@@ -381,6 +383,8 @@ def test_a_key_removed_by_a_redeploy_is_no_longer_admitted(cluster):
                 except GenerationError as exc:
                     if exc.code == "unauthenticated":
                         return
+                except TimeoutError:
+                    pass
             assert time.monotonic() < deadline, "the removed client key is still admitted"
             await asyncio.sleep(0.5)
 

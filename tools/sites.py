@@ -199,6 +199,23 @@ def _netns_pids(ns: str) -> list[int]:
     return [int(pid) for pid in _run(["ip", "netns", "pids", ns], check=False).split()]
 
 
+def _wait_in_namespace(process: subprocess.Popen, ns: str, timeout: float = 10.0) -> None:
+    """Return once `process` (started by `ip netns exec ns`) is inside the namespace, or has ended: until
+    `ip netns exec` has called setns, `ip netns pids` does not list it, and a host killed at that moment
+    would lose every process but that one."""
+    want = os.stat(f"/run/netns/{ns}").st_ino
+    deadline = time.monotonic() + timeout
+    while process.poll() is None:
+        try:
+            if os.stat(f"/proc/{process.pid}/ns/net").st_ino == want:
+                return
+        except FileNotFoundError:  # gone between poll and stat
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"process {process.pid} did not enter namespace {ns} in {timeout:.0f} s")
+        time.sleep(0.001)
+
+
 def _kill_namespace(ns: str, timeout: float = 5.0) -> list[int]:
     """SIGKILL every process in a namespace and wait until none is left; return the pids killed."""
     killed: list[int] = []
@@ -290,12 +307,14 @@ class Sites:
 
     # ------------------------------------------------------------------ processes
     def popen(self, host: str, argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen:
-        """Start argv inside the host's namespace (`ip netns exec` execs it, so the pid is argv's own).
+        """Start argv inside the host's namespace (`ip netns exec` execs it, so the pid is argv's own); it is
+        in the namespace when this returns.
 
         The process is reaped by `down()` and killed with its host by `kill_host`.
         """
         process = subprocess.Popen(["ip", "netns", "exec", self.namespace(host), *argv], **popen_kwargs)
         self._children.append((host, process))
+        _wait_in_namespace(process, self.namespace(host))
         return process
 
     def run(self, host: str, argv: Sequence[str], timeout: float = 30.0, check: bool = True,
