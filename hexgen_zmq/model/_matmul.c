@@ -120,16 +120,13 @@ void matmul_block_weight(const void *w, int64_t n, int64_t k, int bf, void *bloc
             const uint16_t *row = (const uint16_t *)w + f * k;
             uint16_t *out = blocked;
             for (int64_t i = 0; i < k; i++) out[2 * (block + (i / 2) * BLOCK + lane) + i % 2] = row[i];
-        } else if (bf) { /* AVX2: step i holds input i of the block's 16 features */
+        } else { /* step i holds input i of the block's features (float32, or bfloat16 on AVX2) */
             const int64_t block = f / features * k * features;
-            const uint16_t *row = (const uint16_t *)w + f * k;
-            uint16_t *out = blocked;
-            for (int64_t i = 0; i < k; i++) out[block + i * features + lane] = row[i];
-        } else { /* step i holds input i of the block's features */
-            const int64_t block = f / features * k * features;
-            const float *row = (const float *)w + f * k;
-            float *out = blocked;
-            for (int64_t i = 0; i < k; i++) out[block + i * features + lane] = row[i];
+#define SCATTER(T) \
+    for (int64_t i = 0; i < k; i++) ((T *)blocked)[block + i * features + lane] = ((const T *)w)[f * k + i]
+            if (bf) SCATTER(uint16_t);
+            else SCATTER(float);
+#undef SCATTER
         }
     }
 }
@@ -234,21 +231,23 @@ INLINE_AVX2 __m256 bf16_widen(__m128i h) { /* 8 bfloat16 to float32: their bits 
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-/* out[row, f0 .. f0 + 8) = sum (+ bias), the features past n left alone. */
+/* bias[f0 .. f0 + 8) in float32, zero past n or without a bias. */
+INLINE_AVX2 __m256 bias8(const product_t *p, int64_t f0, const int bf) {
+    float b32[8] = {0};
+    for (int64_t f = 0; p->bias && f < 8 && f0 + f < p->n; f++) {
+        if (bf) {
+            const uint32_t bits = (uint32_t)((const uint16_t *)p->bias)[f0 + f] << 16;
+            memcpy(&b32[f], &bits, 4);
+        } else
+            b32[f] = ((const float *)p->bias)[f0 + f];
+    }
+    return _mm256_loadu_ps(b32);
+}
+
+/* out[row, f0 .. f0 + 8) = sum, the features past n left alone. */
 INLINE_AVX2 void store8(const product_t *p, int64_t row, int64_t f0, __m256 sum, const int bf) {
     const int64_t valid = p->n - f0 < 8 ? p->n - f0 : 8;
     if (valid <= 0) return;
-    if (p->bias) {
-        float b32[8] = {0};
-        for (int64_t f = 0; f < valid; f++) {
-            if (bf) {
-                const uint32_t bits = (uint32_t)((const uint16_t *)p->bias)[f0 + f] << 16;
-                memcpy(&b32[f], &bits, 4);
-            } else
-                b32[f] = ((const float *)p->bias)[f0 + f];
-        }
-        sum = _mm256_add_ps(sum, _mm256_loadu_ps(b32));
-    }
     if (bf && !p->out_f32) {
         uint16_t *o = (uint16_t *)p->out + row * p->out_stride + f0, tmp[8];
         const __m128i h = bf16_round(sum);
@@ -298,10 +297,11 @@ INLINE_AVX2 void block_rows2(const product_t *p, int64_t b, int64_t r0, const in
 #undef FMA
     }
     const int64_t f0 = b * BLOCK2;
-#define OUT(m)                                    \
-    if (R > m) {                                  \
-        store8(p, r0 + m, f0, c##m##0, bf);       \
-        store8(p, r0 + m, f0 + 8, c##m##1, bf);   \
+    const __m256 bias0 = bias8(p, f0, bf), bias1 = bias8(p, f0 + 8, bf); /* read once for all the rows */
+#define OUT(m)                                                          \
+    if (R > m) {                                                        \
+        store8(p, r0 + m, f0, _mm256_add_ps(c##m##0, bias0), bf);       \
+        store8(p, r0 + m, f0 + 8, _mm256_add_ps(c##m##1, bias1), bf);   \
     }
     OUT(0) OUT(1) OUT(2) OUT(3) OUT(4) OUT(5)
 #undef OUT
@@ -332,7 +332,7 @@ AVX2 static void widen_rows(const uint16_t *x, int64_t rows, int64_t x_stride, i
 
 static void run_chunk(void *ctx, int64_t chunk) {
     const product_t *p = ctx;
-    const int64_t features = p->isa == ISA_AVX512 ? BLOCK : BLOCK2;
+    const int64_t features = block_features(p->bf);
     const int64_t blocks_total = (p->n + features - 1) / features, b0 = chunk * p->chunk;
     const int64_t b1 = b0 + p->chunk < blocks_total ? b0 + p->chunk : blocks_total;
     /* a block's weights come from memory for the first group of rows, from the cache for the others */

@@ -12,12 +12,12 @@ waste.
   or without the extension.
 - Linear layers with their weights copied once, at load, into blocks that `_matmul.c` streams on AVX-512
   (float32 FMAs, or bfloat16 VDPBF16PS), or on AVX2 and FMA (bfloat16 weights widened as they load), over a
-  pool of threads of its own (`BlockedLinear`). A decode step
-  multiplies a few rows by every weight matrix, so it runs at the speed weights stream from memory; on
-  this project's 2-core machine a SmolLM2 step's products at one row take 0.8x the time of oneDNN's packed
-  ones (about 19 GB/s against 14), and about the same from 32 rows up. Where that is not built or the CPU
-  lacks AVX2 and FMA, the weights are packed once into oneDNN's layout instead (`PackedLinear`): plain `F.linear` re-packs each weight on every call (1.6x slower per
-  layer at 16 rows, 1.1x for 1024-row prompts). `HEXGEN_ZMQ_BLOCKED=0` chooses oneDNN where both work.
+  pool of threads of its own (`BlockedLinear`). A decode step multiplies a few rows by every weight matrix,
+  so it runs at the speed weights stream from memory; on this project's 2-core AVX-512 machine a SmolLM2
+  step's products at one row take 0.8x the time of oneDNN's packed ones (about 19 GB/s against 14), and
+  about the same from 32 rows up. Where that is not built or the CPU lacks AVX2 and FMA, the weights are
+  packed once into oneDNN's layout instead (`PackedLinear`): plain `F.linear` re-packs each weight on every
+  call (1.6x slower per layer at 16 rows, 1.1x for 1024-row prompts). `HEXGEN_ZMQ_BLOCKED=0` chooses oneDNN where both work.
 
 All compute the same functions as the torch path, with float32 rounding in a different order (about 1e-6
 relative per op). `HEXGEN_ZMQ_KERNELS=0` in a stage's environment turns them all off; `tools/bench_decode_step.py`
