@@ -137,3 +137,45 @@ def test_up_http_gives_its_gateway_a_client_key_where_the_broker_is_a_curve_serv
     assert again.keys == "gw.key_secret"
     plain = build_parser().parse_args(["up", "d.yaml", "--http", "127.0.0.1:8000"])
     assert "--keys" not in serve_options(plain)
+
+
+@pytest.mark.parametrize("credentials", ["none", "wrong server key"])
+def test_a_refused_handshake_fails_the_request_even_when_the_client_is_slow_to_watch(keys, credentials,
+                                                                                     monkeypatch):
+    """libzmq does not retry a handshake refused on protocol: its one event must not be missed, even when
+    the client's thread is held up (a loaded machine) between making its socket and watching it."""
+    import asyncio
+    import time
+
+    import zmq
+    import zmq.sugar.socket
+
+    from hexgen_zmq.serving.client import Client, GenerationError
+
+    ctx = zmq.Context()
+    server = ctx.socket(zmq.ROUTER)
+    server.curve_publickey, server.curve_secretkey = zmq.curve_keypair()
+    server.curve_server = True
+    port = server.bind_to_random_port("tcp://127.0.0.1")
+    attach = zmq.sugar.socket.Socket.get_monitor_socket
+
+    def held_up(sock, *args, **kwargs):
+        time.sleep(0.5)  # long enough for a loopback handshake to fail, were the socket connected already
+        return attach(sock, *args, **kwargs)
+
+    monkeypatch.setattr(zmq.sugar.socket.Socket, "get_monitor_socket", held_up)
+    options = {} if credentials == "none" else {"keys": str(keys[0] / "client.key_secret"),
+                                                "server_key": keys[1]["a"]}
+
+    async def attempt() -> GenerationError:
+        async with await Client.connect(f"tcp://127.0.0.1:{port}", **options) as client:
+            with pytest.raises(GenerationError) as err:
+                await asyncio.wait_for(client.generate(prompt_ids=[1, 2, 3], max_new_tokens=4), 10)
+            return err.value
+
+    try:
+        error = asyncio.run(attempt())
+    finally:
+        server.close(0)
+        ctx.term()
+    assert error.code == "unauthenticated" and "CURVE" in str(error), error

@@ -149,11 +149,17 @@ class Client:
                 raise GenerationError("invalid_request", "CURVE needs both keys= (the client's secret key file) "
                                                          "and server_key= (the broker host's public key)")
             curve = ClientCurve(keys, server_key)
+        # A refused handshake is not retried and leaves sends waiting for good; the socket's events tell why, so
+        # requests fail with a clear error instead of timing out. The monitor is attached before the socket
+        # connects: attached after, it could miss the one event there is (seen on a loaded machine).
+        monitors: list[zmq.Socket] = []
+
+        def watch(sock: zmq.Socket) -> None:
+            monitors.append(sock.get_monitor_socket(sum(HANDSHAKE_FAILURES)))
+
         self.socket = make_socket(self.ctx, zmq.DEALER, connect=address, hwm=10000, max_bytes=CONTROL_MAX_BYTES,
-                                  identity=os.urandom(8), security=curve)
-        # ZeroMQ retries a refused handshake silently; the socket's events tell why, so requests fail with a
-        # clear error instead of timing out.
-        self._monitor = self.socket.get_monitor_socket(sum(HANDSHAKE_FAILURES))
+                                  identity=os.urandom(8), security=curve, before_connect=watch)
+        [self._monitor] = monitors
         self._auth_error: str | None = None
         self._refused = asyncio.Event()  # set with _auth_error
         self._ids = itertools.count(1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import socket as _socket
+from typing import Callable
 
 import zmq
 import zmq.asyncio
@@ -26,9 +27,13 @@ def make_socket(
     identity: bytes | None = None,
     security=None,
     domain: str | None = None,
+    before_connect: Callable[[zmq.Socket], None] | None = None,
 ) -> zmq.Socket:
     """A socket with every option this project relies on set before it binds or connects; with `security`
-    (a ProcessSecurity), a CURVE server (bound, ZAP `domain`) or client (connecting) off loopback."""
+    (a ProcessSecurity), a CURVE server (bound, ZAP `domain`) or client (connecting) off loopback.
+    `before_connect` sees the configured socket first: a monitor must be attached there, because libzmq does
+    not retry a handshake refused on protocol or authentication, so its one event can come before a monitor
+    attached after connect() exists."""
     if (bind is None) == (connect is None):
         raise ValueError("give exactly one of bind= or connect=")
     sock = ctx.socket(kind)
@@ -45,6 +50,8 @@ def make_socket(
             security.server(sock, bind, domain or "")
         else:
             security.client(sock, connect)
+    if before_connect is not None:
+        before_connect(sock)
     if bind is not None:
         sock.bind(bind)
     else:
