@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hexgen_zmq.operations.parent_death import follow_parent
+
+    follow_parent()  # a process that `up` started ends with it
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -127,6 +127,32 @@ def test_up_restarts_a_dead_process_and_the_deployment_serves_again(tiny_model, 
         stop_up(process)
 
 
+def test_a_killed_up_takes_its_processes_with_it_and_a_new_up_serves(tiny_model, tmp_path):
+    """SIGKILL gives `up` no chance to stop its children (each in a session of its own): they end by
+    themselves, freeing their ports, so the supervisor's restart (systemd's, say) can start and serve."""
+    config = write_deployment(tmp_path, tiny_model, [[(0, 3, 1), (3, 6, 1)]])
+    process = start_up(config)
+    try:
+        pids = children(process.pid)
+        assert len(pids) == 3  # broker + 2 stages
+        process.kill()
+        process.wait(30)
+        assert_gone(pids, timeout_s=30)
+    finally:
+        stop_up(process)
+    again = start_up(config)
+    try:
+        async def ask():
+            from hexgen_zmq.operations.deployment import load_deployment
+
+            async with await Client.connect(load_deployment(config).broker.clients) as client:
+                return await asyncio.wait_for(client.generate(prompt_ids=[2, 7, 1], max_new_tokens=6), 60)
+
+        assert asyncio.run(ask()).token_ids == hf_greedy(tiny_model, [2, 7, 1], 6)
+    finally:
+        stop_up(again)
+
+
 def test_up_rejects_a_bad_file_with_its_field_path(tiny_model, tmp_path):
     config = write_deployment(tmp_path, tiny_model, [[(0, 2, 1), (3, 6, 1)]])
     result = subprocess.run([sys.executable, "-m", "hexgen_zmq.cli", "up", str(config)], capture_output=True,

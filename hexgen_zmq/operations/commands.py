@@ -241,11 +241,14 @@ class GatewayProcess:
         self.restart()
 
     def restart(self) -> None:
+        import os
         import subprocess
+
+        from hexgen_zmq.operations.parent_death import child_env
 
         out = open(self.log_path, "ab") if self.log_path else None
         self.process = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                        start_new_session=True)
+                                        env=child_env(dict(os.environ)), start_new_session=True)
         if out is not None:
             out.close()
 

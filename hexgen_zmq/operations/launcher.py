@@ -18,6 +18,7 @@ from pathlib import Path
 import zmq
 
 from hexgen_zmq.operations.deployment import Deployment, load_deployment
+from hexgen_zmq.operations.parent_death import child_env
 from hexgen_zmq.wire.messages import (BrokerReady, StageFailed, StageReady, StatusReply, StatusRequest, WireError,
                                  decode_control, encode_control)
 from hexgen_zmq.wire.sockets import CONTROL_MAX_BYTES, make_socket
@@ -38,7 +39,7 @@ class Child:
 def spawn(name: str, args: list[str], config: Path, notify: str | None, log_dir: Path | None,
           env: dict[str, str]) -> tuple[subprocess.Popen, Path | None]:
     """Start one process of a deployment (`hexgen-zmq ARGS --config F`) in a session of its own, its output
-    appended to LOG_DIR/NAME.log when a log folder is given."""
+    appended to LOG_DIR/NAME.log when a log folder is given; it ends when this process does (parent_death)."""
     cmd = [sys.executable, "-m", "hexgen_zmq.cli", *args, "--config", str(config)]
     if notify is not None:
         cmd += ["--notify", notify]
@@ -49,8 +50,8 @@ def spawn(name: str, args: list[str], config: Path, notify: str | None, log_dir:
         log_path = log_dir / f"{name.replace(':', '-')}.log"
         out = open(log_path, "ab")
     try:
-        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None, env=env,
-                                   start_new_session=True)
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                   env=child_env(env), start_new_session=True)
     finally:
         if out is not None:
             out.close()
