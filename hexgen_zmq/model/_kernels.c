@@ -43,9 +43,10 @@ INLINE float bf16_to_f32(uint16_t h) {
 }
 
 INLINE uint16_t f32_to_bf16(float f) {
-    union { float f; uint32_t u; } v = {.f = f};
-    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40u);
-    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+    uint32_t u;
+    __builtin_memcpy(&u, &f, sizeof u);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16, quiet = (u >> 16) | 0x40u;
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? quiet : rounded); /* a select, not a branch: vectorises */
 }
 
 /* Element i of a buffer of float32 (bf = 0) or bfloat16 (bf = 1); `rnd` rounds to what that dtype holds. */
@@ -132,6 +133,86 @@ INLINE void attend_one(const void *q, int64_t q_off, int64_t q_stride_h, const v
             st(out, out_off + h * head_dim + d, acc[h * head_dim + d] * inverse[h], bf);
 }
 
+/* The same for head_dim a multiple of 16, in GCC's vector types (16 floats: one AVX-512 register, two AVX2 ones,
+ * four SSE ones, as the clone is built for). Head by head, each dot product is 16-wide partial sums added in a
+ * tree, and the weighted sum of values stays in registers; a head's keys, re-read once per head of its group,
+ * are in the core's cache after the first; the caller prefetches the next request's rows while this one
+ * computes. Measured on SmolLM2's shapes (9 heads, 3 KV heads, 64 dims; 32 requests of 96 tokens in blocks of 16
+ * scattered over 30 layers' pools, bfloat16, one AVX-512 core): 15 ns per (key, head), against 27 ns for
+ * attend_one; with the caches warm, 7.7 against 9.5. */
+typedef float vf16 __attribute__((vector_size(64)));
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+typedef uint16_t vh16 __attribute__((vector_size(32)));
+typedef uint32_t vu16 __attribute__((vector_size(64)));
+
+/* 16 elements of a float32 (bf = 0) or bfloat16 (bf = 1) buffer from element i, as float32. */
+INLINE vf16 ld16(const void *p, int64_t i, const int bf) {
+    vf16 v;
+    if (bf) {
+        vh16 h;
+        __builtin_memcpy(&h, (const uint16_t *)p + i, sizeof h);
+        const vu16 u = __builtin_convertvector(h, vu16) << 16;
+        __builtin_memcpy(&v, &u, sizeof v);
+    } else {
+        __builtin_memcpy(&v, (const float *)p + i, sizeof v);
+    }
+    return v;
+}
+
+INLINE float sum16(vf16 v) {
+    const vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    const vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+INLINE void attend_one_wide(const void *q, int64_t q_off, int64_t q_stride_h, const void *k_pool,
+                            const void *v_pool, const int64_t *sl, int64_t len, void *out, int64_t out_off,
+                            int64_t heads, int64_t kv_heads, const int64_t head_dim, float scale, float *scratch,
+                            const int bf) {
+    enum { W = 16 };
+    const int64_t n = head_dim / W, group = heads / kv_heads, row_stride = kv_heads * head_dim;
+    float *scores = scratch; /* [heads, len] */
+    const int64_t row_bytes = row_stride * (bf ? 2 : 4);
+    for (int64_t l = 0; l < len; l++) /* every line of the request's keys in flight at once, not one by one */
+        for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch((const char *)k_pool + sl[l] * row_bytes + b);
+    for (int64_t h = 0; h < heads; h++) {
+        const int64_t koff = (h / group) * head_dim;
+        if (h == 0)
+            for (int64_t l = 0; l < len; l++)
+                for (int64_t b = 0; b < row_bytes; b += 64)
+                    __builtin_prefetch((const char *)v_pool + sl[l] * row_bytes + b);
+        vf16 qh[n];
+        for (int64_t c = 0; c < n; c++) qh[c] = ld16(q, q_off + h * q_stride_h + c * W, bf);
+        float *sh = scores + h * len, top = -INFINITY, sum = 0.0f;
+        for (int64_t l = 0; l < len; l++) {
+            const int64_t kr = sl[l] * row_stride + koff;
+            vf16 acc = qh[0] * ld16(k_pool, kr, bf);
+            for (int64_t c = 1; c < n; c++) acc += qh[c] * ld16(k_pool, kr + c * W, bf);
+            sh[l] = sum16(acc) * scale;
+            top = sh[l] > top ? sh[l] : top;
+        }
+        /* softmax as attend_one computes it (torch's flash attention on a CPU) */
+        for (int64_t l = 0; l < len; l++) {
+            sh[l] = exp_clamped(sh[l] - top);
+            sum += sh[l];
+        }
+        if (bf)
+            for (int64_t l = 0; l < len; l++) sh[l] = rnd(sh[l], bf);
+        const float inverse = 1.0f / sum;
+        vf16 acc[n];
+        for (int64_t c = 0; c < n; c++) acc[c] = (vf16){0};
+        for (int64_t l = 0; l < len; l++) {
+            const int64_t vr = sl[l] * row_stride + koff;
+            const float p = sh[l];
+            for (int64_t c = 0; c < n; c++) acc[c] += p * ld16(v_pool, vr + c * W, bf);
+        }
+        for (int64_t c = 0; c < n; c++)
+            for (int64_t j = 0; j < W; j++) st(out, out_off + h * head_dim + c * W + j, acc[c][j] * inverse, bf);
+    }
+}
+
 /* q[t, h, :] at element t * q_stride_t + h * q_stride_h of q; pools are [slots, kv_heads, head_dim]
  * contiguous; request b reads slots[b * slots_stride + l] for l < lengths[b] and writes out[rows[b], h, :]
  * (a row of out holds all heads contiguously). scratch holds heads * (max length + head_dim) floats. */
@@ -142,13 +223,13 @@ INLINE void decode_attention_body(const void *q, int64_t q_stride_t, int64_t q_s
                                   float *scratch, const int bf) {
     for (int64_t b = 0; b < batch; b++) {
         const int64_t *sl = slots + b * slots_stride;
-#define ATTEND(D) attend_one(q, rows[b] * q_stride_t, q_stride_h, k_pool, v_pool, sl, lengths[b], out, \
-                             rows[b] * out_stride_t, heads, kv_heads, D, scale, scratch, bf)
+#define ATTEND(how, D) how(q, rows[b] * q_stride_t, q_stride_h, k_pool, v_pool, sl, lengths[b], out, \
+                           rows[b] * out_stride_t, heads, kv_heads, D, scale, scratch, bf)
         switch (head_dim) {
-            case 32: ATTEND(32); break;
-            case 64: ATTEND(64); break;
-            case 128: ATTEND(128); break;
-            default: ATTEND(head_dim);
+            case 32: ATTEND(attend_one_wide, 32); break;
+            case 64: ATTEND(attend_one_wide, 64); break;
+            case 128: ATTEND(attend_one_wide, 128); break;
+            default: ATTEND(attend_one, head_dim);
         }
 #undef ATTEND
     }
@@ -168,12 +249,16 @@ INLINE void rms_norm_body(const void *x, int64_t rows, int64_t dim, int64_t x_st
 }
 
 /* out[r, i] = silu(gu[r, i]) * gu[r, inter + i]: the gate and up halves of a fused gate/up projection. */
-INLINE void silu_mul_body(const void *gu, int64_t rows, int64_t inter, int64_t gu_stride, void *out, const int bf) {
+INLINE void silu_mul_body(const void *restrict gu, int64_t rows, int64_t inter, int64_t gu_stride, void *restrict out,
+                          const int bf) {
     for (int64_t r = 0; r < rows; r++) {
         const int64_t g = r * gu_stride, u = g + inter, o = r * inter;
         for (int64_t i = 0; i < inter; i++) {
-            const float gate = ld(gu, g + i, bf);
-            st(out, o + i, rnd(gate / (1.0f + exp_clamped(-gate)), bf) * ld(gu, u + i, bf), bf);
+            /* gate / (1 + exp(-gate)), with exp of -|gate| only: where exp(-gate) would be huge, GCC's
+             * vectorised select computed gate / exp(88) in every vector, and its denormals cost a microcode
+             * assist each (silu_mul took 3.5 ns an element instead of under 1) */
+            const float gate = ld(gu, g + i, bf), e = exp_clamped(gate < 0.0f ? gate : -gate);
+            st(out, o + i, rnd((gate < 0.0f ? gate * e : gate) / (1.0f + e), bf) * ld(gu, u + i, bf), bf);
         }
     }
 }
@@ -295,13 +380,22 @@ typedef struct {
     const int64_t *slots, *lengths, *rows;
     void *out;
     float *scratch;
-    int64_t q_stride_t, q_stride_h, slots_stride, out_stride_t, heads, kv_heads, head_dim, scratch_per;
+    int64_t q_stride_t, q_stride_h, slots_stride, out_stride_t, heads, kv_heads, head_dim, scratch_per, batch;
     float scale;
     int bf;
 } attention_job_t;
 
 static void attention_chunk(void *ctx, int64_t b) {
     const attention_job_t *j = ctx;
+    if (b + 1 < j->batch) { /* the next request's cache, scattered over the pool, on its way while this one computes */
+        const int64_t *sl = j->slots + (b + 1) * j->slots_stride;
+        const int64_t row_bytes = j->kv_heads * j->head_dim * (j->bf ? 2 : 4);
+        for (int64_t l = 0; l < j->lengths[b + 1]; l++)
+            for (int64_t o = 0; o < row_bytes; o += 64) {
+                __builtin_prefetch((const char *)j->k_pool + sl[l] * row_bytes + o, 0, 2);
+                __builtin_prefetch((const char *)j->v_pool + sl[l] * row_bytes + o, 0, 2);
+            }
+    }
     (j->bf ? decode_attention_bf16 : decode_attention_f32)(
         j->q, j->q_stride_t, j->q_stride_h, j->k_pool, j->v_pool, j->slots + b * j->slots_stride, j->slots_stride,
         j->lengths + b, j->rows + b, j->out, j->out_stride_t, 1, j->heads, j->kv_heads, j->head_dim, j->scale,
@@ -324,7 +418,7 @@ static PyObject *py_decode_attention(PyObject *self, PyObject *args) {
     attention_job_t job = {(const void *)q, (const void *)k_pool, (const void *)v_pool, (const int64_t *)slots,
                            (const int64_t *)lengths, (const int64_t *)rows, (void *)out, (float *)scratch,
                            q_stride_t, q_stride_h, slots_stride, out_stride_t, heads, kv_heads, head_dim,
-                           scratch_per, (float)scale, bf};
+                           scratch_per, batch, (float)scale, bf};
     Py_BEGIN_ALLOW_THREADS
     pool_run(attention_chunk, &job, batch, threads);
     Py_END_ALLOW_THREADS
