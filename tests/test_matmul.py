@@ -20,6 +20,26 @@ needs_blocked = pytest.mark.skipif(not DTYPES, reason="no AVX2 or AVX-512 here, 
 SHAPES = [(1, 1), (3, 70), (37, 13), (64, 40), (576, 577), (1536, 5), (33, 129), (2, 64)]  # (in, out)
 
 
+AMX = kernels.amx_min_rows() is not None
+
+
+@pytest.fixture(params=["vector", "amx"])
+def product_path(request):
+    """bfloat16 products on the vector units, and again on AMX tiles from one row up where the CPU has them
+    (float32 products always run on the vector units)."""
+    if request.param == "amx" and not AMX:
+        pytest.skip("no AMX here")
+    if request.param == "amx" and getattr(request.node, "callspec", None) and \
+            request.node.callspec.params.get("dtype") == torch.float32:
+        pytest.skip("float32 products do not run on AMX")
+    before = kernels.amx_min_rows()
+    if before is not None:
+        kernels.amx_min_rows(1 if request.param == "amx" else 0)
+    yield request.param
+    if before is not None:
+        kernels.amx_min_rows(before)
+
+
 @pytest.fixture
 def threads():
     before = torch.get_num_threads()
@@ -48,7 +68,7 @@ def check(out: torch.Tensor, want: tuple[torch.Tensor, torch.Tensor], dtype: tor
 @needs_blocked
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_blocked_linear_matches_the_product_at_every_row_count(dtype, shape, threads):
+def test_blocked_linear_matches_the_product_at_every_row_count(dtype, shape, threads, product_path):
     gen = torch.Generator().manual_seed(sum(shape))
     fan_in, fan_out = shape
     linear = nn.Linear(fan_in, fan_out, bias=fan_out % 2 == 1)
@@ -68,7 +88,7 @@ def test_blocked_linear_matches_the_product_at_every_row_count(dtype, shape, thr
 
 @needs_blocked
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_blocked_linear_reads_only_its_rows_inputs(dtype):
+def test_blocked_linear_reads_only_its_rows_inputs(dtype, product_path):
     """Rows of a wider tensor (a gap between them holding NaN), odd input sizes, and 3-D input: the kernel
     reads exactly k inputs per row (a bfloat16 pair never reaches past an odd row's end)."""
     gen = torch.Generator().manual_seed(1)
@@ -87,7 +107,7 @@ def test_blocked_linear_reads_only_its_rows_inputs(dtype):
 
 @needs_blocked
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_blocked_linear_carries_nan_and_inf_as_the_product_does(dtype):
+def test_blocked_linear_carries_nan_and_inf_as_the_product_does(dtype, product_path):
     linear = nn.Linear(40, 8, bias=False).to(dtype)
     with torch.no_grad():
         linear.weight.fill_(0.5)
@@ -100,7 +120,7 @@ def test_blocked_linear_carries_nan_and_inf_as_the_product_does(dtype):
 
 
 @pytest.mark.skipif(torch.bfloat16 not in DTYPES, reason="no bfloat16 products here")
-def test_bfloat16_products_can_come_out_as_float32_sums():
+def test_bfloat16_products_can_come_out_as_float32_sums(product_path):
     """`float_out`: the unrounded float32 sums (what a row-parallel part hands the all-reduce), within a float32
     sum's error of the exact product, and rounding them gives exactly the bfloat16 output."""
     gen = torch.Generator().manual_seed(3)

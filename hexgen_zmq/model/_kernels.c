@@ -477,11 +477,19 @@ static PyObject *py_matmul_supported(PyObject *self, PyObject *args) {
     return PyBool_FromLong(matmul_supported(bf));
 }
 
+static PyObject *py_matmul_amx(PyObject *self, PyObject *args) {
+    int min_rows;
+    if (!PyArg_ParseTuple(args, "i", &min_rows)) return NULL;
+    return PyLong_FromLong(matmul_amx(min_rows));
+}
+
 static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS,
      "x @ w.T (+ bias), w blocked, float32 or bfloat16, on AVX-512 (use hexgen_zmq.model.kernels)."},
     {"matmul_blocked_size", py_matmul_blocked_size, METH_VARARGS, "Bytes of a [n, k] weight in matmul's layout."},
     {"matmul_block_weight", py_matmul_block_weight, METH_VARARGS, "Copy a [n, k] weight into matmul's layout."},
+    {"matmul_amx", py_matmul_amx, METH_VARARGS,
+     "bfloat16 products of at least this many rows on AMX (0: never, -1: unchanged); the setting before, or -1."},
     {"matmul_supported", py_matmul_supported, METH_VARARGS, "Whether this CPU runs matmul for float32 (False) or bfloat16 (True)."},
 
     {"decode_attention", py_decode_attention, METH_VARARGS,

@@ -5,6 +5,10 @@
 /* Whether this CPU runs matmul for float32 (bf = 0) or bfloat16 (bf = 1) buffers. */
 int matmul_supported(int bf);
 
+/* bfloat16 products of at least `min_rows` rows run on AMX tiles (0: never; below 0: leave it); returns the
+ * setting before, or -1 where this CPU or kernel has no AMX. */
+int matmul_amx(int min_rows);
+
 /* The bytes of a [n, k] weight in matmul's blocked layout (64-byte aligned, as matmul reads it). */
 int64_t matmul_blocked_size(int64_t n, int64_t k, int bf);
 

@@ -245,6 +245,20 @@ def blocked_usable(dtype: torch.dtype) -> bool:
             and _kernels.matmul_supported(dtype == torch.bfloat16))
 
 
+def amx_min_rows(rows: int | None = None) -> int | None:
+    """bfloat16 `BlockedLinear` products of at least this many rows run on the CPU's AMX tiles (Sapphire Rapids
+    and later): returns the setting, or None where this CPU has none. `rows` sets it (0: never; for
+    measuring the two paths against each other); `HEXGEN_ZMQ_AMX=0` in a stage's environment does the same."""
+    if not enabled():
+        return None
+    before = _kernels.matmul_amx(-1 if rows is None else rows)
+    return None if before < 0 else _kernels.matmul_amx(-1)
+
+
+if enabled() and os.environ.get("HEXGEN_ZMQ_AMX", "1") == "0":
+    amx_min_rows(0)
+
+
 class BlockedLinear(nn.Module):
     """An nn.Linear (of transformers' layers) with its weight copied into `_matmul.c`'s blocked layout, run
     on as many threads as torch is set to use (what the stage's core share gives it); the original is freed."""
@@ -283,7 +297,7 @@ class BlockedLinear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, blocked=AVX-512"
+        return f"in_features={self.in_features}, out_features={self.out_features}, blocked=_matmul.c"
 
 
 def fast_linear(linear: nn.Linear) -> nn.Module:
