@@ -42,7 +42,8 @@ TOLERANCE = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.bfloat16: {"rtol
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 4, 32), (9, 3, 64), (16, 2, 128), (4, 4, 24), (6, 1, 8)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 4, 32), (9, 3, 64), (16, 2, 128), (4, 4, 24), (6, 1, 8),
+                                                    (28, 4, 64), (14, 2, 128)])  # groups of 2, 3, 8, 1, 6, 7, 7
 @pytest.mark.parametrize("threads", [1, 2])
 def test_decode_attention_matches_sdpa(heads, kv_heads, head_dim, dtype, threads, monkeypatch):
     """One request per chunk of the thread pool, each with its own scratch: any thread count, same answer."""

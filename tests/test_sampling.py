@@ -26,6 +26,18 @@ def test_a_tiny_top_p_keeps_the_best_token():
     assert sampler.draw(row) == int(row.argmax())
 
 
+def test_greedy_rows_pick_the_first_of_equal_maxima_as_argmax_does():
+    """bfloat16 logits tie often; Hugging Face's greedy search takes argmax, the first of the tied tokens."""
+    rows = torch.zeros(4, 49152)
+    rows[0, [7, 9000, 49151]] = 3.0
+    rows[1, [0, 1]] = -0.5
+    rows[1, 2:] = -1.0
+    rows[2] = torch.randn(49152, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16).float()
+    rows[3, [40000, 123]] = 2.0
+    greedy = [RequestSampler.make(SamplingParams(temperature=0.0), [], 8) for _ in range(4)]
+    assert sample(rows, greedy) == rows.argmax(-1).tolist() == [7, 0, int(rows[2].argmax()), 123]
+
+
 def test_a_row_that_cannot_be_sampled_fails_alone():
     rows = torch.stack([logits(1), logits(2), logits(3)])
     rows[1, 5] = float("nan")

@@ -89,7 +89,9 @@ class RequestSampler:
 
 def sample(logits: torch.Tensor, samplers: list[RequestSampler]) -> list[int | SamplingError]:
     """One token per row of logits [S, vocab] (row i belongs to samplers[i]), or the error of that row alone."""
-    tokens: list[int | SamplingError] = logits.argmax(-1).tolist()
+    # max's indices are argmax's (the first of equal maxima, a NaN's where there is one), and on a CPU torch's
+    # argmax over the last axis is several times slower: 4.6 against 0.8 ms for 32 rows of 49,152 logits
+    tokens: list[int | SamplingError] = logits.max(-1).indices.tolist()
     # a row holding an inf or a NaN has a sum that is not finite, and finite logits overflow a float32 sum only
     # past about 1e33 each: one reduction instead of isfinite's four passes over [S, vocab]
     finite = torch.isfinite(logits.sum(-1)).tolist()
