@@ -168,24 +168,64 @@ INLINE float sum16(vf16 v) {
     return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
+/* The first step of sum16 for two vectors at once: lanes 0-7 hold a's lane i + lane i + 8, lanes 8-15 b's. */
+INLINE vf16 halves(vf16 a, vf16 b) {
+    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+}
+
+/* sum16 of 16 vectors at once, lane i the sum of vector i, each added in sum16's order (the same bits); `p`
+ * holds `halves` of vectors (0, 1), (2, 3), ...: 15 additions and 30 two-vector shuffles for 16 sums,
+ * against 16 dependent chains of shuffles, additions and an extraction. */
+INLINE vf16 sum16_transposed(const vf16 p[8]) {
+    vf16 q[4], r[2];
+    for (int i = 0; i < 4; i++) /* each vector's 8 sums to 4: a[i] + a[i + 4] */
+        q[i] = __builtin_shufflevector(p[2 * i], p[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+               __builtin_shufflevector(p[2 * i], p[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    for (int i = 0; i < 2; i++) /* 4 to 2: b[0] + b[2], b[1] + b[3] */
+        r[i] = __builtin_shufflevector(q[2 * i], q[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+               __builtin_shufflevector(q[2 * i], q[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    return __builtin_shufflevector(r[0], r[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+           __builtin_shufflevector(r[0], r[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
 /* Heads h0 .. h0 + G of one request, which share the KV head at element koff of a cache row: each key and
  * value row is widened once for the G heads, not once per head. Per head, the same sums in the same order
  * as one head alone. */
 INLINE void attend_heads(const void *q, int64_t q_off, int64_t q_stride_h, const void *k_pool, const void *v_pool,
                          const int64_t *sl, int64_t len, void *out, int64_t out_off, int64_t h0, const int G,
                          int64_t koff, int64_t row_stride, const int64_t head_dim, float scale, float *scores,
-                         const int bf) {
+                         vf16 *keys, const int bf) {
     enum { W = 16 };
     const int64_t n = head_dim / W;
-    vf16 qh[G][n];
-    float top[G], inverse[G];
+    vf16 qh[4][8]; /* fixed sizes (G <= 4, n <= 8): GCC keeps a variable-length array in memory */
+    float top[4], inverse[4];
     for (int j = 0; j < G; j++) {
         top[j] = -INFINITY;
         for (int64_t c = 0; c < n; c++) qh[j][c] = ld16(q, q_off + (h0 + j) * q_stride_h + c * W, bf);
     }
-    for (int64_t l = 0; l < len; l++) {
+    int64_t l = 0;
+    for (; l + W <= len; l += W) { /* 16 keys at a time, widened once into `keys`, summed across lanes together */
+        for (int64_t i = 0; i < W; i++)
+            for (int64_t c = 0; c < n; c++) keys[i * n + c] = ld16(k_pool, sl[l + i] * row_stride + koff + c * W, bf);
+        for (int j = 0; j < G; j++) {
+            vf16 pairs[8];
+            for (int64_t i = 0; i < W; i += 2) {
+                vf16 a = qh[j][0] * keys[i * n], b = qh[j][0] * keys[(i + 1) * n];
+                for (int64_t c = 1; c < n; c++) {
+                    a += qh[j][c] * keys[i * n + c];
+                    b += qh[j][c] * keys[(i + 1) * n + c];
+                }
+                pairs[i / 2] = halves(a, b);
+            }
+            const vf16 sums = sum16_transposed(pairs) * scale;
+            __builtin_memcpy(scores + j * len + l, &sums, sizeof sums);
+            for (int64_t i = 0; i < W; i++) top[j] = sums[i] > top[j] ? sums[i] : top[j];
+        }
+    }
+    for (; l < len; l++) {
         const int64_t kr = sl[l] * row_stride + koff;
-        vf16 kv[n];
+        vf16 kv[8];
         for (int64_t c = 0; c < n; c++) kv[c] = ld16(k_pool, kr + c * W, bf);
         for (int j = 0; j < G; j++) {
             vf16 acc = qh[j][0] * kv[0];
@@ -206,12 +246,12 @@ INLINE void attend_heads(const void *q, int64_t q_off, int64_t q_stride_h, const
             for (int64_t l = 0; l < len; l++) sh[l] = rnd(sh[l], bf);
         inverse[j] = 1.0f / sum;
     }
-    vf16 acc[G][n];
+    vf16 acc[4][8];
     for (int j = 0; j < G; j++)
         for (int64_t c = 0; c < n; c++) acc[j][c] = (vf16){0};
     for (int64_t l = 0; l < len; l++) {
         const int64_t vr = sl[l] * row_stride + koff;
-        vf16 vv[n];
+        vf16 vv[8];
         for (int64_t c = 0; c < n; c++) vv[c] = ld16(v_pool, vr + c * W, bf);
         for (int j = 0; j < G; j++) {
             const float p = scores[j * len + l];
@@ -231,6 +271,7 @@ INLINE void attend_one_wide(const void *q, int64_t q_off, int64_t q_stride_h, co
     const int64_t group = heads / kv_heads, row_stride = kv_heads * head_dim;
     const int64_t most = head_dim <= 64 ? 4 : 2; /* heads at once: their queries and sums stay in registers */
     const int64_t row_bytes = row_stride * (bf ? 2 : 4);
+    vf16 keys[16 * 8]; /* 16 keys of one KV head, widened */
     for (int64_t l = 0; l < len; l++) /* every line of the request's keys in flight at once, not one by one */
         for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch((const char *)k_pool + sl[l] * row_bytes + b);
     for (int64_t l = 0; l < len; l++)
@@ -238,7 +279,7 @@ INLINE void attend_one_wide(const void *q, int64_t q_off, int64_t q_stride_h, co
     for (int64_t h0 = 0; h0 < heads;) {
         const int64_t in_group = group - h0 % group, take = in_group < most ? in_group : most;
 #define HEADS(G) attend_heads(q, q_off, q_stride_h, k_pool, v_pool, sl, len, out, out_off, h0, G, \
-                              (h0 / group) * head_dim, row_stride, head_dim, scale, scratch + h0 * len, bf)
+                              (h0 / group) * head_dim, row_stride, head_dim, scale, scratch + h0 * len, keys, bf)
         switch (take) {
             case 1: HEADS(1); break;
             case 2: HEADS(2); break;
