@@ -27,8 +27,10 @@
 
 #include "_matmul.h"
 
+/* x86-64-v4 (AVX-512 F, BW, DQ, VL, CD), not AVX-512 F alone: without BW's 16-bit lanes GCC vectorised the
+ * bfloat16 loads and roundings half as wide or not at all (bf16 silu * up 1.62 -> 0.75 ns an element) */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#define MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
 #define MULTIVERSION
 #endif
