@@ -3,8 +3,10 @@ counter-based draws make a replayed request continue exactly as an uninterrupted
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from hexgen_zmq.model import kernels
 from hexgen_zmq.wire.messages import SamplingParams
 from hexgen_zmq.model.sampling import RequestSampler, SamplingError, sample
 
@@ -36,6 +38,28 @@ def test_greedy_rows_pick_the_first_of_equal_maxima_as_argmax_does():
     rows[3, [40000, 123]] = 2.0
     greedy = [RequestSampler.make(SamplingParams(temperature=0.0), [], 8) for _ in range(4)]
     assert sample(rows, greedy) == rows.argmax(-1).tolist() == [7, 0, int(rows[2].argmax()), 123]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_greedy_picks_argmax_and_finds_every_row_that_is_not_finite(dtype):
+    """kernels.greedy (C for float32 and bfloat16 on a CPU, torch otherwise) against torch's argmax: ties,
+    negative rows, and a NaN, +inf or -inf anywhere in a row."""
+    gen = torch.Generator().manual_seed(8)
+    rows = torch.randn(9, 1001, generator=gen).to(dtype)
+    rows[1] = -rows[1].abs() - 1
+    rows[2, [3, 500, 1000]] = 100.0
+    rows[3, 17], rows[4, 1000], rows[5, 0] = float("nan"), float("inf"), float("-inf")
+    rows[6] = 0.0
+    rows[7, 999:] = 7.0
+    best, finite = kernels.greedy(rows)
+    assert finite == [True, True, True, False, False, False, True, True, True]
+    want = rows.float().argmax(-1).tolist()
+    assert [b for b, f in zip(best, finite) if f] == [w for w, f in zip(want, finite) if f]
+    assert best[2] == 3 and best[6] == 0 and best[7] == 999
+    strided = torch.randn(4, 2000, generator=gen).to(dtype)[:, ::1][:, :1500]  # rows 2000 apart
+    assert kernels.greedy(strided)[0] == strided.float().argmax(-1).tolist()
+    short = torch.tensor([[1.0, 3.0, 3.0, 0.0, 2.0], [-5.0, -4.0, -4.0, -9.0, -4.0]], dtype=dtype)  # under 16 wide
+    assert kernels.greedy(short) == ([1, 1], [True, True])
 
 
 def test_a_row_that_cannot_be_sampled_fails_alone():

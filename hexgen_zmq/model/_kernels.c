@@ -374,6 +374,50 @@ INLINE void rope_store_body(const void *qkv, int64_t tokens, int64_t qkv_stride,
     }
 }
 
+typedef int32_t vi16 __attribute__((vector_size(64)));
+
+/* out[r] = the index of the first largest value of row r of x [rows, cols] (rows `stride` apart), or -1 where
+ * the row holds a NaN or an infinity: greedy sampling's argmax and its check in one pass over the logits.
+ * Each of 16 lanes keeps its largest value and where it first saw it; the first of the lanes' maxima wins. */
+INLINE void greedy_body(const void *x, int64_t rows, int64_t cols, int64_t stride, int64_t *out, const int bf) {
+    enum { W = 16 };
+    vi16 lane_index;
+    for (int i = 0; i < W; i++) lane_index[i] = i;
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t o = r * stride, whole = cols / W * W;
+        vf16 top;
+        vi16 at = lane_index, special = (vi16){0}; /* special: a lane saw exponent bits all ones (inf, NaN) */
+        for (int i = 0; i < W; i++) top[i] = -INFINITY;
+        for (int64_t i = 0; i < whole; i += W) {
+            const vf16 v = ld16(x, o + i, bf);
+            const vi16 bits = (vi16)v, higher = v > top; /* all ones where this value is larger */
+            special |= (bits & 0x7f800000) == 0x7f800000;
+            top = (vf16)(((vi16)v & higher) | ((vi16)top & ~higher));
+            at = ((lane_index + (int32_t)i) & higher) | (at & ~higher);
+        }
+        float best = -INFINITY;
+        int64_t best_at = -1, bad = 0;
+        for (int i = 0; i < W; i++) {
+            bad |= special[i];
+            if (top[i] > best || (top[i] == best && at[i] < best_at)) {
+                best = top[i];
+                best_at = at[i];
+            }
+        }
+        for (int64_t i = whole; i < cols; i++) {
+            const float v = ld(x, o + i, bf);
+            uint32_t bits;
+            __builtin_memcpy(&bits, &v, sizeof bits);
+            bad |= (bits & 0x7f800000u) == 0x7f800000u;
+            if (v > best || best_at < 0) {
+                best = v;
+                best_at = i;
+            }
+        }
+        out[r] = bad ? -1 : best_at;
+    }
+}
+
 /* The entry points: each body compiled for float32 and for bfloat16 (and per instruction set). */
 #define INSTANTIATE(name, params, ...)                                          \
     MULTIVERSION static void name##_f32 params { name##_body(__VA_ARGS__, 0); } \
@@ -386,6 +430,7 @@ INSTANTIATE(decode_attention,
              float *scratch),
             q, q_stride_t, q_stride_h, k_pool, v_pool, slots, slots_stride, lengths, rows, out, out_stride_t, batch,
             heads, kv_heads, head_dim, scale, scratch)
+INSTANTIATE(greedy, (const void *x, int64_t rows, int64_t cols, int64_t stride, int64_t *out), x, rows, cols, stride, out)
 INSTANTIATE(rms_norm, (const void *x, int64_t rows, int64_t dim, int64_t x_stride, const void *w, float eps, void *out),
             x, rows, dim, x_stride, w, eps, out)
 INSTANTIATE(silu_mul, (const void *gu, int64_t rows, int64_t inter, int64_t gu_stride, void *out),
@@ -394,6 +439,17 @@ INSTANTIATE(rope_store,
             (const void *qkv, int64_t tokens, int64_t qkv_stride, int64_t q_heads, int64_t kv_heads, int64_t head_dim,
              const void *cos, const void *sin, void *k_pool, void *v_pool, const int64_t *slots, void *q_out),
             qkv, tokens, qkv_stride, q_heads, kv_heads, head_dim, cos, sin, k_pool, v_pool, slots, q_out)
+
+static PyObject *py_greedy(PyObject *self, PyObject *args) {
+    unsigned long long x, out;
+    long long rows, cols, stride;
+    int bf;
+    if (!PyArg_ParseTuple(args, "KLLLKp", &x, &rows, &cols, &stride, &out, &bf)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    (bf ? greedy_bf16 : greedy_f32)((const void *)x, rows, cols, stride, (int64_t *)out);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
 
 static PyObject *py_rms_norm(PyObject *self, PyObject *args) {
     unsigned long long x, w, out;
@@ -574,6 +630,7 @@ static PyMethodDef methods[] = {
 
     {"decode_attention", py_decode_attention, METH_VARARGS,
      "Paged decode attention over raw float32 or bfloat16 buffers (use hexgen_zmq.model.kernels, which checks the arguments)."},
+    {"greedy", py_greedy, METH_VARARGS, "Argmax of float32 or bfloat16 rows, -1 where not finite (use hexgen_zmq.model.kernels)."},
     {"rms_norm", py_rms_norm, METH_VARARGS, "RMSNorm of float32 or bfloat16 rows (use hexgen_zmq.model.kernels)."},
     {"silu_mul", py_silu_mul, METH_VARARGS, "silu(gate) * up of fused gate/up rows (use hexgen_zmq.model.kernels)."},
     {"rope_store", py_rope_store, METH_VARARGS,

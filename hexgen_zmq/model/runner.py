@@ -134,7 +134,7 @@ class StageModel(nn.Module):
     @torch.inference_mode()
     def forward(self, inputs: torch.Tensor, layout: BatchLayout, pool: KVPool) -> torch.Tensor:
         """Token ids [T] (first stage) or hidden states [T, hidden] in; hidden states [T, hidden] out, or
-        float32 logits [S, vocab] of the sampled rows on the last stage."""
+        logits [S, vocab] of the sampled rows on the last stage, on the CPU, in the model's dtype."""
         if self.first:
             hidden = self.embed(inputs.to(self.device))
         else:
@@ -151,4 +151,6 @@ class StageModel(nn.Module):
         if self.before_layer is not None:
             self.before_layer()
         picked = self.norm(hidden.index_select(0, layout.sample_rows))
-        return self.lm_head(picked).float().cpu()  # sampling (and its generators) run on the CPU
+        # sampling (and its generators) run on the CPU; logits stay in the model's dtype (bfloat16 ones are read
+        # exactly as float32 where needed: greedy rows in C, sampled and logprob rows one by one)
+        return self.lm_head(picked).cpu()
