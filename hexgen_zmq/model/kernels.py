@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hexgen_zmq.model import huge_pages
+
 try:
     from hexgen_zmq.model import _kernels
 except ImportError:  # built without a C compiler
@@ -288,11 +290,10 @@ class BlockedLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.dtype, self.bf16 = weight.dtype, weight.dtype == torch.bfloat16
         size = _kernels.matmul_blocked_size(self.out_features, self.in_features, self.bf16)
-        # 64 spare bytes: the kernel reads the blocks from a 64-byte-aligned start
-        self.register_buffer("blocked", torch.empty(size + 64, dtype=torch.uint8), persistent=False)
-        self.offset = -self.blocked.data_ptr() % 64
+        # 64-byte aligned, as the kernel reads it; on huge pages, as every step streams all of it
+        self.register_buffer("blocked", huge_pages.empty(size), persistent=False)
         _kernels.matmul_block_weight(weight.data_ptr(), self.out_features, self.in_features, self.bf16,
-                                     self.blocked.data_ptr() + self.offset)
+                                     self.blocked.data_ptr())
         bias = None if linear.bias is None else linear.bias.detach().to(self.dtype).contiguous()
         self.register_buffer("bias", bias, persistent=False)
 
@@ -308,7 +309,7 @@ class BlockedLinear(nn.Module):
         out = torch.empty(n, self.out_features, dtype=torch.float32 if float_out else self.dtype)
         blocked, bias = self.blocked, self.bias  # held here while the C code (without the GIL) reads them
         if n:
-            _kernels.matmul(rows.data_ptr(), n, rows.stride(0), blocked.data_ptr() + self.offset,
+            _kernels.matmul(rows.data_ptr(), n, rows.stride(0), blocked.data_ptr(),
                             self.out_features, self.in_features, 0 if bias is None else bias.data_ptr(),
                             out.data_ptr(), self.out_features, self.bf16, torch.get_num_threads(), float_out)
         return out.view(*x.shape[:-1], self.out_features)

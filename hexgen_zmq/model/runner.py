@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import math
 from collections.abc import Callable
 
 import torch
@@ -17,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import AutoConfig
 
-from hexgen_zmq.model import kernels
+from hexgen_zmq.model import huge_pages, kernels
 from hexgen_zmq.model.attention import BatchLayout
 from hexgen_zmq.model.checkpoint import CheckpointReader, ShardPlan, load_layer_state
 from hexgen_zmq.model.layers import DecoderLayer
@@ -28,17 +29,26 @@ CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3
 
 class KVPool:
     """Per-layer key and value tensors of `num_blocks * block_size` token slots for this rank's KV heads,
-    plus one zeroed block that padded gathers read. The rest is left uninitialised: on a CPU its pages
-    cost no memory until a request first writes them, and nothing reads a slot before it is written."""
+    plus one zeroed block that padded gathers read. The rest is left uninitialised: on a CPU its pages (huge
+    ones, of 2 MiB) cost no memory until a request first writes them, and nothing reads a slot before it is
+    written."""
 
     def __init__(self, layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
         slots = (num_blocks + 1) * block_size
         self.pad_slot = num_blocks * block_size  # first slot of the zeroed padding block
-        self.keys = [torch.empty(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.empty(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]
+        shape = (slots, kv_heads, head_dim)
+        self.keys = [self._empty(shape, dtype, device) for _ in range(layers)]
+        self.values = [self._empty(shape, dtype, device) for _ in range(layers)]
         for tensor in (*self.keys, *self.values):
             tensor[self.pad_slot :].zero_()
+
+    @staticmethod
+    def _empty(shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """On a CPU, on huge pages: decode attention reads every request's cache rows each step."""
+        if device.type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device)
+        return huge_pages.empty(math.prod(shape) * dtype.itemsize).view(dtype).view(shape)
 
     @staticmethod
     def bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
