@@ -80,6 +80,12 @@ def test_hexgen_deployment_moves_every_port_and_sets_model_and_dtype(tmp_path):
     assert all(a.startswith("tcp://127.0.0.1:") for a in addresses)
     assert len(set(addresses)) == len(addresses)
     assert not set(addresses) & {f"tcp://127.0.0.1:{port}" for port in range(5700, 5708)}
+    # ports asked of the OS one by one, unbound, once came back twice in one file (the deployment was refused)
+    for _ in range(50):
+        again = yaml.safe_load(hexgen_deployment(template, tmp_path / "model", "float32"))
+        ports = [again["broker"]["clients"], again["broker"]["results"]] + [
+            s[key] for p in again["pipelines"] for s in p["stages"] for key in ("inbound", "tp_init")]
+        assert len(set(ports)) == len(ports)
 
 
 def test_server_spec_skips_peers_that_are_not_installed(tmp_path):

@@ -25,7 +25,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from hexgen_zmq.serving.bench import RequestStats, make_workload, run_http_load, summarize  # noqa: E402
+# never the same port twice in one run (a port asked of the OS twice while unbound can come back twice: a
+# deployment file with two stages on one port was refused), and below the ephemeral range
+from hexgen_zmq.wire.sockets import free_port  # noqa: E402
 
 SERVERS = ("hexgen-f32", "hexgen-bf16", "vllm-bf16", "vllm-f32", "llama-f16", "llama-f32", "llama-q4_1")
 DEFAULT_SERVERS = "hexgen-f32,hexgen-bf16,vllm-bf16,vllm-f32,llama-f16,llama-f32"
@@ -175,12 +177,6 @@ class ServerSpec:
     url: str
     env: dict[str, str] = field(default_factory=dict)
     files: dict[Path, str] = field(default_factory=dict)  # written before the start (a deployment file)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def hexgen_deployment(template: Path, model: Path, dtype: str) -> str:
