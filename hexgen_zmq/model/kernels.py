@@ -11,8 +11,9 @@ waste.
   of many rows on the pool too. Each falls back to the same function in torch for other devices and dtypes,
   or without the extension.
 - Linear layers with their weights copied once, at load, into blocks that `_matmul.c` streams on AVX-512
-  (float32 FMAs, or bfloat16 VDPBF16PS), or on AVX2 and FMA (bfloat16 weights widened as they load), over a
-  pool of threads of its own (`BlockedLinear`). A decode step multiplies a few rows by every weight matrix,
+  (float32 FMAs, or bfloat16 VDPBF16PS; bfloat16 products of 3 rows or more on AMX tiles where the CPU has
+  them), or on AVX2 and FMA (bfloat16 weights widened as they load), over a pool of threads of its own
+  (`BlockedLinear`), from huge pages (`huge_pages`). A decode step multiplies a few rows by every weight matrix,
   so it runs at the speed weights stream from memory; on this project's 2-core AVX-512 machine a SmolLM2
   step's products at one row take 0.8x the time of oneDNN's packed ones (about 19 GB/s against 14), and
   about the same from 32 rows up. Where that is not built or the CPU lacks AVX2 and FMA, the weights are
