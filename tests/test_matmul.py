@@ -182,12 +182,13 @@ def test_the_pool_survives_racing_callers_and_changing_thread_counts(threads):
 
 
 @needs_blocked
-def test_a_forked_child_starts_its_own_pool(threads):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_forked_child_starts_its_own_pool(dtype, product_path, threads):
+    """Also: the child may use the AMX tiles its parent was allowed (the permission comes along)."""
     threads(2)
-    dtype = DTYPES[0]
     layer = nn.Linear(64, 300).to(dtype)
     blocked = kernels.BlockedLinear(layer)
-    x = torch.randn(2, 64).to(dtype)
+    x = torch.randn(5, 64).to(dtype)
     with torch.inference_mode():
         want = reference(x, layer)
         check(blocked(x), want, dtype)  # the parent's pool is running
