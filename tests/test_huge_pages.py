@@ -34,11 +34,6 @@ def test_buffers_are_aligned_sized_and_do_not_overlap():
     assert [int(b[0]) for b in buffers] == list(range(1, 8))
 
 
-def test_zeros_holds_the_shape_and_dtype():
-    tensor = huge_pages.zeros((3, 5, 7), torch.bfloat16)
-    assert tensor.shape == (3, 5, 7) and tensor.dtype == torch.bfloat16 and not tensor.any()
-
-
 @pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text(), reason="no transparent huge pages here")
 def test_large_buffers_get_huge_pages_and_are_unmapped_when_freed():
     if not huge_pages.enabled():

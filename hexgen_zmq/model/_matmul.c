@@ -149,7 +149,7 @@ typedef struct {
     void *out;
     const float *xf; /* AVX2 bfloat16: the rows widened to float32, `k` apart */
     const uint16_t *xa; /* AMX: the rows padded with zeros to whole tiles, [rows rounded up to 16, ka] */
-    int64_t rows, n, k, ka, x_stride, out_stride, chunk; /* chunk: blocks per chunk */
+    int64_t rows, n, k, ka, x_stride, out_stride, chunk, bytes; /* chunk: blocks per chunk; bytes: per block */
     int bf, isa, amx, out_f32; /* out_f32: bfloat16 products written as float32 sums, unrounded */
 } product_t;
 
@@ -205,7 +205,7 @@ INLINE_AVX512 void store_sums(const product_t *p, int64_t f0, int64_t r0, int R,
 /* Block `b` of the product for rows [r0, r0 + R), float32 (bf = 0) or bfloat16 (bf = 1). */
 INLINE_AVX512 void block_rows(const product_t *p, int64_t b, int64_t r0, const int R, const int bf) {
     const int64_t k = p->k, count = steps(k, bf), xs = p->x_stride;
-    const char *wb = (const char *)p->w + b * block_bytes(k, bf);
+    const char *wb = (const char *)p->w + b * p->bytes;
     const void *x = (const char *)p->x + r0 * xs * (bf ? 2 : 4);
     __m512 acc[ROW_GROUP][4];
     for (int m = 0; m < R; m++)
@@ -289,7 +289,7 @@ AMX static void amx_chunk(void *ctx, int64_t chunk) {
     }
     _tile_loadconfig(&config); /* per chunk: oneDNN, on this thread, may have loaded its own */
     const int64_t blocks_total = (p->n + BLOCK - 1) / BLOCK, b0 = chunk * p->chunk, ka = p->ka;
-    const int64_t b1 = b0 + p->chunk < blocks_total ? b0 + p->chunk : blocks_total, bytes = block_bytes(p->k, 1);
+    const int64_t b1 = b0 + p->chunk < blocks_total ? b0 + p->chunk : blocks_total, bytes = p->bytes;
     __m512 sums[AMX_ROWS][4];
     for (int64_t b = b0; b < b1; b++) {
         const char *wb = (const char *)p->w + b * bytes;
@@ -633,6 +633,7 @@ int matmul(const void *x, int64_t rows, int64_t x_stride, const void *w, int64_t
     const int64_t bytes = block_bytes(k, bf), features = block_features(bf);
     const int64_t blocks_total = (n + features - 1) / features;
     p.chunk = 65536 / bytes > 1 ? 65536 / bytes : 1;
+    p.bytes = bytes;
     pool_run(p.amx ? amx_chunk : run_chunk, &p, (blocks_total + p.chunk - 1) / p.chunk, threads);
     free(widened);
     free(padded);

@@ -30,19 +30,6 @@ def enabled() -> bool:
     return os.environ.get("HEXGEN_ZMQ_HUGE_PAGES", "1") != "0" and hasattr(mmap, "MADV_HUGEPAGE")
 
 
-def _mapping(size: int) -> tuple[mmap.mmap, int] | None:
-    """A fresh anonymous mapping holding `size` bytes from a 2 MiB boundary, asked for huge pages; and that
-    boundary's offset in it. None where the kernel refuses."""
-    try:
-        # private: a shared anonymous mapping is shmem, whose huge pages follow another setting (often never)
-        mapping = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        mapping.madvise(mmap.MADV_HUGEPAGE)
-    except (OSError, ValueError):
-        return None
-    address = torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr()
-    return mapping, -address % HUGE_PAGE
-
-
 class _Arena:
     """Hands out buffers cut from the current shared mapping, starting a new one when it is full."""
 
@@ -67,14 +54,19 @@ class _Arena:
 
 
 def _whole(size: int) -> torch.Tensor | None:
-    """`size` bytes (rounded up to whole huge pages) of a mapping of their own, from a 2 MiB boundary."""
+    """`size` bytes (rounded up to whole huge pages) of a fresh anonymous mapping of their own, from a 2 MiB
+    boundary, asked for huge pages before anything writes them; None where the kernel refuses."""
     rounded = -(-size // HUGE_PAGE) * HUGE_PAGE
-    made = _mapping(rounded)
-    if made is None:
+    try:
+        # private: a shared anonymous mapping is shmem, whose huge pages follow another setting (often never)
+        mapping = mmap.mmap(-1, rounded + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    except (OSError, ValueError):
         return None
-    mapping, offset = made
     # frombuffer's tensor holds the mapping (a buffer export) for as long as the tensor or a view of it lives
-    return torch.frombuffer(mapping, dtype=torch.uint8)[offset : offset + rounded][:size]
+    whole = torch.frombuffer(mapping, dtype=torch.uint8)
+    offset = -whole.data_ptr() % HUGE_PAGE
+    return whole[offset : offset + rounded][:size]
 
 
 _arena = _Arena()
@@ -93,15 +85,3 @@ def _aligned_plain(size: int) -> torch.Tensor:
     raw = torch.empty(size + ALIGN, dtype=torch.uint8)
     offset = -raw.data_ptr() % ALIGN
     return raw[offset : offset + size]
-
-
-def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A zero-filled tensor of this shape and dtype on huge pages where the kernel gives them (a fresh
-    mapping is zero already; a shared chunk's bytes are zeroed)."""
-    count = 1
-    for n in shape:
-        count *= n
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    buffer = empty(count * itemsize)
-    buffer.zero_()
-    return buffer.view(dtype).view(shape)
